@@ -1,0 +1,26 @@
+# The two commands in the README: `make demo` and `make test`. Both set up a fresh machine first.
+VENV := .venv/bin
+
+.PHONY: setup demo test lint export serve clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/python -m medpclip.demo
+
+test: setup
+	$(VENV)/ruff check .
+	$(VENV)/python -m pytest -q
+
+lint: setup
+	$(VENV)/ruff check .
+
+export: setup
+	$(VENV)/python -m medpclip.export
+
+serve: export
+	$(VENV)/python -m medpclip.serve --repository build/model_repository
+
+clean:
+	rm -rf build

@@ -1,0 +1,1 @@
+"""MedP-CLIP: model definition, checkpoints, ONNX export and Triton repository generation."""

@@ -1,0 +1,132 @@
+"""Generate a Triton model repository from the tensor declarations.
+
+Sources: `model_repository/` (python-backend code, committed) + exported ONNX + a checkpoint.
+Output: a complete repository (config.pbtxt for every model, written through Triton's own
+protobuf so an invalid field cannot be written). The ensembles, preprocessing and
+postprocessing do not depend on the flavour; only the four encoders do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from medpclip_client import tensors as T
+
+from .config import ModelConfig
+from .model import TOKENIZER
+
+SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
+FLAVOURS = ("onnxruntime",)  # "tensorrt" joins here (platform tensorrt_plan, KIND_GPU)
+
+
+def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
+    msg = kind(name=t.name, data_type=mc.DataType.Value(t.triton_type), dims=t.dims(dims))
+    if t.optional and kind is mc.ModelInput:
+        msg.optional = True
+    return msg
+
+
+def model_config(
+    spec: T.ModelSpec, dims: T.Dims, parameters: dict[str, str] | None = None, instances: int = 1
+) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    cfg.input.extend(_tensor(t, dims, mc.ModelInput) for t in spec.inputs)
+    cfg.output.extend(_tensor(t, dims, mc.ModelOutput) for t in spec.outputs)
+    if isinstance(spec, T.EnsembleSpec):
+        cfg.platform = "ensemble"
+        for step in spec.steps:
+            cfg.ensemble_scheduling.step.add(
+                model_name=step.model,
+                model_version=-1,
+                input_map=step.input_map,
+                output_map=step.output_map,
+            )
+        return cfg
+    cfg.backend = "python"
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    if spec.max_batch_size > 0:
+        # Batch what arrives together; a short delay lets concurrent requests meet.
+        cfg.dynamic_batching.max_queue_delay_microseconds = 2000
+    for k, v in {**spec.parameters, **(parameters or {})}.items():
+        cfg.parameters[k].string_value = str(v)
+    return cfg
+
+
+def write_config(cfg: mc.ModelConfig, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.pbtxt"
+    path.write_text(text_format.MessageToString(cfg))
+    return path
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if (
+        dst.exists()
+        and dst.stat().st_size == src.stat().st_size
+        and dst.stat().st_mtime >= src.stat().st_mtime
+    ):
+        return  # idempotent and cheap for large ONNX files
+    shutil.copy2(src, dst)
+
+
+def generate(
+    out: Path,
+    onnx_dir: Path,
+    checkpoint: Path,
+    flavour: str = "onnxruntime",
+    ort_threads: int = 0,
+    log=print,
+) -> Path:
+    """Write the complete repository to `out` and return it."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; available: {', '.join(FLAVOURS)}")
+    cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    dims = cfg.dims
+    logit_scale = _logit_scale(checkpoint)
+    params = {
+        "preprocess": {
+            "image_size": dims.S,
+            "mask_side": dims.M,
+            "max_image_side": T.MAX_IMAGE_SIDE,
+            "context_length": dims.L,
+            "max_labels": T.MAX_LABELS,
+        },
+        "tokenizer": {"context_length": dims.L, "max_labels": T.MAX_LABELS},
+        "postprocess": {"image_size": dims.S, "logit_scale": f"{logit_scale:.8g}"},
+    }
+    for spec in T.ENCODERS:
+        d = out / spec.name
+        write_config(model_config(spec, dims, {"intra_op_threads": ort_threads}), d)
+        _copy(SOURCES / "onnx_runner" / "model.py", d / "1" / "model.py")
+        _copy(onnx_dir / f"{spec.name}.onnx", d / "1" / "model.onnx")
+    for spec in T.PYTHON_MODELS:
+        d = out / spec.name
+        write_config(model_config(spec, dims, params[spec.name]), d)
+        _copy(SOURCES / spec.name / "model.py", d / "1" / "model.py")
+    for name in ("tokenizer", "preprocess"):
+        _copy(checkpoint / TOKENIZER, out / name / "1" / TOKENIZER)
+    for spec in T.ENSEMBLES:
+        d = out / spec.name
+        write_config(model_config(spec, dims), d)
+        (d / "1").mkdir(exist_ok=True)  # an ensemble still needs a version folder
+    (out / "medpclip.json").write_text(
+        json.dumps(
+            {"config": cfg.to_dict(), "flavour": flavour, "logit_scale": logit_scale}, indent=2
+        )
+    )
+    log(f"  repository: {out} ({len(T.ALL_MODELS)} models, flavour {flavour})")
+    return out
+
+
+def _logit_scale(checkpoint: Path) -> float:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "np") as f:
+        return float(np.exp(f.get_tensor("logit_scale")))

@@ -1,0 +1,63 @@
+"""Runs one exported encoder (`model.onnx` beside this file) with ONNX Runtime on CPU.
+
+The bundled Triton has no onnxruntime backend, so each encoder is a python-backend model. Names
+and dtypes come from this model's config.pbtxt (generated from the tensor declarations).
+Requests that arrive together (dynamic batching) and share input shapes run as one batch.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.name = args["model_name"]
+
+    def execute(self, requests):
+        arrays = [
+            [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
+            for r in requests
+        ]
+        groups = {}  # input shapes (without batch) -> request indices
+        for i, a in enumerate(arrays):
+            groups.setdefault(tuple(x.shape[1:] for x in a), []).append(i)
+        responses = [None] * len(requests)
+        for indices in groups.values():
+            feed = {
+                n: np.concatenate([arrays[i][k] for i in indices])
+                for k, n in enumerate(self.inputs)
+            }
+            try:
+                results = self.session.run(self.outputs, feed)
+            except Exception as exc:  # no request data in the message (no PHI)
+                err = pb_utils.TritonError(
+                    f"{self.name}: ONNX Runtime failed: {type(exc).__name__}"
+                )
+                for i in indices:
+                    responses[i] = pb_utils.InferenceResponse(error=err)
+                continue
+            start = 0
+            for i in indices:
+                n = arrays[i][0].shape[0]
+                responses[i] = pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor(name, r[start : start + n])
+                        for name, r in zip(self.outputs, results, strict=True)
+                    ]
+                )
+                start += n
+        return responses

@@ -1,0 +1,64 @@
+"""Scores the candidate labels for the region and the whole image, and brings the mask back to
+the original image size (undoing the letterbox)."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from medpclip_client import imaging
+
+
+def _get(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.size = int(params["image_size"]["string_value"])
+        self.logit_scale = float(params["logit_scale"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(self._one(request)))
+            except Exception as exc:
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"postprocess failed: {type(exc).__name__}")
+                    )
+                )
+        return responses
+
+    def _one(self, request):
+        g = _get(request, "global_embedding")[0]
+        r = _get(request, "region_embedding")[0]
+        text = _get(request, "text_embedding")
+        if text is None:
+            text = np.zeros((0, g.shape[0]), dtype=np.float32)
+        t = imaging.Transform.from_array(_get(request, "transform"), self.size)
+        logits = _get(request, "mask_logits")[0]
+        return [
+            pb_utils.Tensor("REGION_PROBS", scores(r, text, self.logit_scale)),
+            pb_utils.Tensor("IMAGE_PROBS", scores(g, text, self.logit_scale)),
+            pb_utils.Tensor("GLOBAL_EMBEDDING", g),
+            pb_utils.Tensor("REGION_EMBEDDING", r),
+            pb_utils.Tensor("PATCH_FEATURES", _get(request, "patch_features")[0]),
+            pb_utils.Tensor("REGION_MASK", imaging.mask_from_logits(logits, t)),
+            pb_utils.Tensor("MASK_LOGITS", logits),
+            pb_utils.Tensor("IOU", _get(request, "iou").reshape(1).astype(np.float32)),
+        ]
+
+
+def scores(embedding, text, scale):
+    if len(text) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return softmax(scale * text @ embedding).astype(np.float32)

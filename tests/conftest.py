@@ -1,0 +1,99 @@
+"""Shared fixtures: one export of the tiny model and one real tritonserver per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from medpclip import export
+from medpclip.model import load_checkpoint
+from medpclip.serve import TritonServer
+from medpclip_client import tensors as T
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build")
+    # a fresh seeded tiny model: the tests must not depend on which default model is embedded
+    assert (
+        export.main(
+            [
+                "--config",
+                "tiny",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--checkpoint",
+                str(_fresh_checkpoint(out)),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def _fresh_checkpoint(out: Path) -> Path:
+    from medpclip.config import ModelConfig
+    from medpclip.model import build, save_checkpoint
+    from medpclip.tokenizer import DEFAULT_TOKENIZER
+
+    return save_checkpoint(build(ModelConfig.load("tiny"), seed=0), out / "ckpt", DEFAULT_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(build_dir) -> Path:
+    return build_dir / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint):
+    return load_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def server(build_dir):
+    with TritonServer(build_dir / "model_repository") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def grpc(server):
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def make_inputs(model_name: str, **arrays: np.ndarray) -> list[grpcclient.InferInput]:
+    """InferInputs named and typed by the tensor declaration of `model_name`."""
+    spec = T.spec(model_name)
+    inputs = []
+    for name, value in arrays.items():
+        t = spec.input(name)
+        arr = np.asarray(value)
+        inp = grpcclient.InferInput(name, list(arr.shape), t.wire_type)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+def image_bytes(array: np.ndarray) -> np.ndarray:
+    """PNG-encode an HxW or HxWx3 uint8 array as the IMAGE input."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return np.array([buf.getvalue()], dtype=object)
+
+
+def sample_image(height: int = 120, width: int = 200, seed: int = 0) -> np.ndarray:
+    """A non-square grey image with two bright discs (rows x cols)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    img = 40 + rng.normal(0, 8, (height, width))
+    img[(yy - 40) ** 2 + (xx - 50) ** 2 < 15**2] = 200
+    img[(yy - 80) ** 2 + (xx - 150) ** 2 < 20**2] = 90
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,0 +1,149 @@
+"""End to end through the real tritonserver over gRPC, compared with the PyTorch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import image_bytes, make_inputs, sample_image
+
+from medpclip import reference
+from medpclip_client import tensors as T
+
+LABELS = ["a round hyperdense nodule", "a dark cyst", "a spiculated mass", "normal tissue"]
+H, W = 120, 200
+ATOL = 1e-4
+
+PROMPTS = {
+    "point": {"POINTS": np.array([[50.0, 40.0]], np.float32)},
+    "points_with_background": {
+        "POINTS": np.array([[50.0, 40.0], [55.0, 45.0], [150.0, 80.0]], np.float32),
+        "POINT_LABELS": np.array([1, 1, 0], np.int32),
+    },
+    "box": {"BOX": np.array([30.0, 20.0, 75.0, 62.0], np.float32)},
+    "mask": {"MASK": None},  # filled below
+    "box_and_point": {
+        "BOX": np.array([120.0, 50.0, 185.0, 110.0], np.float32),
+        "POINTS": np.array([[150.0, 80.0]], np.float32),
+    },
+    "none": {},
+}
+
+
+def _mask() -> np.ndarray:
+    yy, xx = np.mgrid[:H, :W]
+    return (((yy - 80) ** 2 + (xx - 150) ** 2) < 20**2).astype(np.uint8)
+
+
+def _infer(grpc, model_name, **arrays):
+    spec = T.spec(model_name)
+    result = grpc.infer(model_name, make_inputs(model_name, **arrays))
+    return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+
+
+def _reference(model, checkpoint, image, prompt, labels):
+    return reference.run(
+        model,
+        image,
+        checkpoint / "tokenizer.json",
+        points=prompt.get("POINTS"),
+        point_labels=prompt.get("POINT_LABELS"),
+        box=prompt.get("BOX"),
+        mask=prompt.get("MASK"),
+        labels=labels,
+    )
+
+
+def _compare(served, expected, height, width):
+    for name, want in expected.items():
+        got = served[name]
+        assert got is not None, name
+        if name == "REGION_MASK":
+            assert got.shape == (height, width) and got.dtype == np.uint8
+            # binary: equal except where a logit sits within float noise of the threshold
+            assert np.mean(got != want) < 1e-3, name
+        else:
+            assert got.shape == want.shape, name
+            assert np.abs(got - want).max() <= ATOL, (name, np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("form", list(PROMPTS))
+def test_each_prompt_form_matches_pytorch(grpc, model, checkpoint, form):
+    img = sample_image(H, W)
+    prompt = {k: (_mask() if k == "MASK" else v) for k, v in PROMPTS[form].items()}
+    served = _infer(
+        grpc,
+        "medp_clip",
+        IMAGE=image_bytes(img),
+        LABELS=np.array([s.encode() for s in LABELS], dtype=object),
+        **prompt,
+    )
+    expected = _reference(model, checkpoint, img, prompt, LABELS)
+    _compare(served, expected, H, W)
+    assert served["REGION_PROBS"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_region_prompt_changes_the_region_embedding_only(grpc):
+    img = image_bytes(sample_image(H, W))
+    a = _infer(grpc, "medp_clip_image", IMAGE=img, **PROMPTS["point"])
+    b = _infer(grpc, "medp_clip_image", IMAGE=img, **PROMPTS["box_and_point"])
+    assert np.abs(a["REGION_EMBEDDING"] - b["REGION_EMBEDDING"]).max() > 1e-3
+    np.testing.assert_allclose(a["GLOBAL_EMBEDDING"], b["GLOBAL_EMBEDDING"], atol=1e-6)
+    for e in (a["GLOBAL_EMBEDDING"], a["REGION_EMBEDDING"]):
+        assert np.linalg.norm(e) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dicom_from_pydicom_test_files(grpc, model, checkpoint):
+    from medpclip.real_inputs import sample_dicom
+
+    data = sample_dicom()  # CT_small.dcm: 128x128, rescale slope/intercept, window tags
+    prompt = {
+        "POINTS": np.array([[64.0, 70.0]], np.float32),
+        "BOX": np.array([30.0, 40.0, 90.0, 100.0], np.float32),
+    }
+    served = _infer(
+        grpc,
+        "medp_clip",
+        IMAGE=np.array([data], dtype=object),
+        LABELS=np.array([s.encode() for s in LABELS], dtype=object),
+        **prompt,
+    )
+    expected = _reference(model, checkpoint, data, prompt, LABELS)
+    _compare(served, expected, 128, 128)
+
+
+def test_raw_pixels_with_window(grpc, model, checkpoint):
+    hu = (sample_image(H, W).astype(np.float32) * 8 - 1000)[..., None]  # HU-like values
+    window = np.array([40.0, 400.0], np.float32)
+    served = _infer(grpc, "medp_clip_image", PIXELS=hu, WINDOW=window, **PROMPTS["box"])
+    expected = reference.run(
+        model, hu, checkpoint / "tokenizer.json", box=PROMPTS["box"]["BOX"], window=(40.0, 400.0)
+    )
+    _compare(served, expected, H, W)
+
+
+def test_text_ensemble_matches_pytorch(grpc, model, checkpoint):
+    import torch
+
+    from medpclip.real_inputs import text_batch
+
+    served = _infer(grpc, "medp_clip_text", LABELS=np.array([s.encode() for s in LABELS], object))
+    tb = text_batch(checkpoint / "tokenizer.json", model.cfg.text.context_length, LABELS)
+    with torch.no_grad():
+        want = model.encode_text(*(torch.from_numpy(tb[k]) for k in tb)).numpy()
+    assert np.abs(served["TEXT_EMBEDDINGS"] - want).max() <= ATOL
+
+
+def test_concurrent_requests_are_batched_correctly(grpc, model, checkpoint):
+    """Requests that meet in the dynamic batcher still get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    imgs = [sample_image(H, W, seed=s) for s in range(6)]
+
+    def one(i):
+        return _infer(grpc, "medp_clip_image", IMAGE=image_bytes(imgs[i]), **PROMPTS["point"])
+
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(one, range(6)))
+    for img, got in zip(imgs, served, strict=True):
+        want = _reference(model, checkpoint, img, PROMPTS["point"], None)
+        assert np.abs(got["REGION_EMBEDDING"] - want["REGION_EMBEDDING"]).max() <= ATOL
