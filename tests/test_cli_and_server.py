@@ -144,3 +144,12 @@ def test_launcher_reports_a_broken_repository(tmp_path):
         assert "boom from model" in str(exc)
     finally:
         server.stop()
+
+
+def test_readme_demo_runs(tmp_path, capsys):
+    from medpclip import demo
+
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("region    image") == 2 and "server stopped" in out
+    assert (tmp_path / "demo" / "mask_point.png").is_file()

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 2. start Triton (bundled tritonserver, python backend, 127.0.0.1) ==")
     with TritonServer(args.out / "model_repository") as server:
         print(f"ready: gRPC {server.grpc_url}")
-        for name, region in (("point", ["--point", "62,70"]), ("box", ["--box", "40,50,90,100"])):
+        prompts = {"point": ["--point", "62,70"], "box": ["--box", "40,50,90,100"]}
+        for step, (name, region) in zip("ab", prompts.items(), strict=True):
             argv_cli = [
                 str(image),
                 *region,
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--labels",
                 *LABELS,
             ]
-            print(f"\n== 3. query with a {name} prompt ==")
+            print(f"\n== 3{step}. query with a {name} prompt ==")
             print("$ medpclip-client " + shlex.join(argv_cli))
             if cli.main(argv_cli) != 0:
                 return 1

@@ -6,11 +6,12 @@ Requests that arrive together (dynamic batching) and share input shapes run as o
 """
 
 import json
-import os
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from medpclip_client.serving import parameters, version_file
 
 
 class TritonPythonModel:
@@ -18,13 +19,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = parameters(args)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            version_file(args, "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
         self.name = args["model_name"]
 
     def execute(self, requests):

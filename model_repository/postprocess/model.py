@@ -1,17 +1,15 @@
 """Scores the candidate labels for the region and the whole image, and brings the mask back to
 the original image size (undoing the letterbox)."""
 
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from medpclip_client import imaging
+from medpclip_client.serving import optional_input, parameters, respond_each
 
 
 def _get(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
+    return optional_input(pb_utils, request, name)
 
 
 def softmax(x):
@@ -21,22 +19,12 @@ def softmax(x):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.size = int(params["image_size"]["string_value"])
-        self.logit_scale = float(params["logit_scale"]["string_value"])
+        params = parameters(args)
+        self.size = int(params["image_size"])
+        self.logit_scale = float(params["logit_scale"])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(self._one(request)))
-            except Exception as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"postprocess failed: {type(exc).__name__}")
-                    )
-                )
-        return responses
+        return respond_each(pb_utils, requests, self._one, "postprocess")
 
     def _one(self, request):
         g = _get(request, "global_embedding")[0]

@@ -5,49 +5,28 @@ Bad input becomes INVALID_ARGUMENT with a message the caller can act on; nothing
 patient (DICOM tags, pixel values) is logged.
 """
 
-import json
-import os
-
 import triton_python_backend_utils as pb_utils
 
 from medpclip_client import imaging
-from medpclip_client.labels import load_tokenizer, tokenize
+from medpclip_client.labels import tokenize
+from medpclip_client.serving import optional_input, parameters, respond_each, tokenizer_for
 
 
 def _get(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
+    return optional_input(pb_utils, request, name)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.size = int(params["image_size"]["string_value"])
-        self.mask_side = int(params["mask_side"]["string_value"])
-        self.max_side = int(params["max_image_side"]["string_value"])
+        params = parameters(args)
+        self.size = int(params["image_size"])
+        self.mask_side = int(params["mask_side"])
+        self.max_side = int(params["max_image_side"])
         # medp_clip tokenizes here so that every check happens before the ensemble branches
-        path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
-        self.tok = load_tokenizer(path, int(params["context_length"]["string_value"]))
-        self.max_labels = int(params["max_labels"]["string_value"])
+        self.tok, self.max_labels = tokenizer_for(args)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(self._one(request)))
-            except imaging.InputError as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                    )
-                )
-            except Exception as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"preprocess failed: {type(exc).__name__}")
-                    )
-                )
-        return responses
+        return respond_each(pb_utils, requests, self._one, "preprocess")
 
     def _one(self, request):
         image, pixels, window = (
