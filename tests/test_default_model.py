@@ -1,0 +1,54 @@
+"""The embedded default model, measured through the real server (issue 3's acceptance)."""
+
+from __future__ import annotations
+
+import pytest
+
+from medpclip import export
+from medpclip.evaluate import centre_point, evaluate
+from medpclip.phantoms import CANONICAL, phantoms, to_dicom
+from medpclip.serve import TritonServer
+from medpclip_client import MedPClipClient, Region
+
+pytestmark = pytest.mark.skipif(
+    not (export.DEFAULT_CHECKPOINT / "config.json").is_file(),
+    reason="no embedded default model in export/default_model",
+)
+
+
+@pytest.fixture(scope="module")
+def default_url(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
+    with TritonServer(out / "model_repository") as server:
+        yield server.grpc_url
+
+
+def test_default_checkpoint_is_small_and_documented():
+    files = list(export.DEFAULT_CHECKPOINT.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 10 * 2**20
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
+        f.name for f in files
+    }
+
+
+def test_held_out_phantoms_meet_the_targets(default_url):
+    # a small fixed held-out set (seed 1000, never used in training)
+    s = evaluate(default_url, images=16, seed=1000)
+    for form in ("point", "box", "mask"):
+        assert s[f"accuracy_{form}"] >= 0.9, s
+    assert s["dice_point"] >= 0.8 and s["dice_box"] >= 0.8, s
+    # without a prompt, "which finding" cannot be told apart: the prompt carries the answer
+    assert s["accuracy_no_prompt"] <= 0.7, s
+
+
+def test_pointing_at_each_finding_gives_its_own_label(default_url):
+    p = phantoms(seed=2024, count=1)[0]  # the demo's slice
+    data = to_dicom(p)
+    with MedPClipClient(default_url) as client:
+        answers = [
+            client.infer(data, Region(points=[centre_point(f)]), labels=CANONICAL).top(1)[0][0]
+            for f in p.findings
+        ]
+    assert answers == [f.label for f in p.findings]
+    assert len(set(answers)) == len(answers)
