@@ -152,4 +152,5 @@ def test_readme_demo_runs(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("region    image") == 2 and "server stopped" in out
-    assert (tmp_path / "demo" / "mask_point.png").is_file()
+    for name in ("mask_a.png", "mask_b.png", "overlay.png"):
+        assert (tmp_path / "demo" / name).is_file()
