@@ -72,6 +72,6 @@ def test_generated_config_agrees_with_declaration(build_dir, model, spec):
 def test_unknown_flavour_is_refused(build_dir, checkpoint):
     with pytest.raises(SystemExit) as exc:
         export.main(
-            ["--checkpoint", str(checkpoint), "--out", str(build_dir), "--flavour", "tensorrt"]
+            ["--checkpoint", str(checkpoint), "--out", str(build_dir), "--flavour", "openvino"]
         )
     assert exc.value.code == 2

@@ -110,6 +110,12 @@ MAX_POINTS = 16  # points per request
 MAX_IMAGE_SIDE = 8192  # pixels, either side, before letterboxing
 MAX_LABEL_CHARS = 512
 
+# (min, opt, max) of each dynamic non-batch symbol, for TensorRT optimisation profiles.
+# N counts prompt points after preprocessing: the points plus two box corners.
+DYNAMIC_BOUNDS: dict[str, tuple[int, int, int]] = {"N": (1, 3, MAX_POINTS + 2)}
+# The batch a profile is tuned for (min is 1, max is the model's max_batch_size).
+OPT_BATCH: dict[str, int] = {"text_encoder": 8}
+
 # --- exported encoders (ONNX; TensorRT in the GPU flavour) -----------------------------------
 
 PROMPT_ENCODER = ModelSpec(

@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from medpclip_client import tensors as T
+
 from . import onnx_export, repository
+from . import tensorrt_engine as trt_engine
 from .config import ModelConfig, available_sizes
 from .model import CONFIG, MedPClip, build, load_checkpoint, save_checkpoint
 from .real_inputs import real_inputs
@@ -59,6 +62,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=repository.FLAVOURS,
         default="onnxruntime",
         help="how the encoders are served",
+    )
+    p.add_argument(
+        "--precision",
+        choices=trt_engine.PRECISIONS,
+        default="fp16",
+        help="TensorRT engine precision (fp16 keeps LayerNorm, softmax and reductions in fp32)",
+    )
+    p.add_argument(
+        "--engines",
+        type=Path,
+        default=None,
+        help="folder of TensorRT engines (default: OUT/engines)",
     )
     p.add_argument(
         "--ort-threads",
@@ -127,14 +142,45 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ONNX Runtime differs from PyTorch beyond the limit", file=sys.stderr)
         return 1
 
+    engines = args.engines or args.out / "engines"
+    if args.flavour == "tensorrt":
+        print(f"[3b] TensorRT engines ({args.precision}) in {engines}")
+        try:
+            for spec in T.ENCODERS:
+                trt_engine.build_engine(
+                    onnx_dir / f"{spec.name}.onnx",
+                    engines / spec.name,
+                    spec,
+                    model.cfg.dims,
+                    args.precision,
+                )
+        except trt_engine.EngineError as exc:
+            for spec in T.ENCODERS:  # the by-hand route still works from here
+                onnx = onnx_dir / f"{spec.name}.onnx"
+                trt_engine.write_trtexec_script(
+                    onnx,
+                    engines / spec.name,
+                    trt_engine.profile(spec, model.cfg.dims),
+                    args.precision,
+                    engines / "timing.cache",
+                )
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
     print("[4/4] Triton model repository")
-    repository.generate(
-        args.out / "model_repository",
-        onnx_dir,
-        checkpoint,
-        flavour=args.flavour,
-        ort_threads=args.ort_threads,
-    )
+    try:
+        repository.generate(
+            args.out / "model_repository",
+            onnx_dir,
+            checkpoint,
+            flavour=args.flavour,
+            ort_threads=args.ort_threads,
+            engines_dir=engines,
+            precision=args.precision,
+        )
+    except trt_engine.EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

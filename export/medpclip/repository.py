@@ -18,11 +18,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from medpclip_client import tensors as T
 
+from . import tensorrt_engine as trt_engine
 from .config import ModelConfig
 from .model import TOKENIZER
 
 SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
-FLAVOURS = ("onnxruntime",)  # "tensorrt" joins here (platform tensorrt_plan, KIND_GPU)
+# onnxruntime: each encoder is a python-backend model running ONNX Runtime (CPU; the bundled
+# Triton has no onnxruntime backend). tensorrt: each encoder is a TensorRT plan on the GPU.
+FLAVOURS = ("onnxruntime", "tensorrt")
+# Image encoder shapes are all static: CUDA graphs for every batch size pay off there.
+CUDA_GRAPH_MODELS = ("image_encoder",)
 
 
 def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
@@ -50,12 +55,65 @@ def model_config(
         return cfg
     cfg.backend = "python"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    if spec.max_batch_size > 0:
-        # Batch what arrives together; a short delay lets concurrent requests meet.
-        cfg.dynamic_batching.max_queue_delay_microseconds = 2000
+    _batching(cfg, spec)
     for k, v in {**spec.parameters, **(parameters or {})}.items():
         cfg.parameters[k].string_value = str(v)
     return cfg
+
+
+def _batching(cfg: mc.ModelConfig, spec: T.ModelSpec) -> None:
+    if spec.max_batch_size > 0:
+        # Batch what arrives together; a short delay lets concurrent requests meet.
+        cfg.dynamic_batching.max_queue_delay_microseconds = 2000
+
+
+def tensorrt_config(spec: T.ModelSpec, dims: T.Dims, engines: dict[str, str]) -> mc.ModelConfig:
+    """A `tensorrt_plan` encoder on the GPU; `engines` maps compute capability -> plan file."""
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    cfg.platform = "tensorrt_plan"
+    cfg.input.extend(_tensor(t, dims, mc.ModelInput) for t in spec.inputs)
+    cfg.output.extend(_tensor(t, dims, mc.ModelOutput) for t in spec.outputs)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    for cc, filename in sorted(engines.items()):
+        cfg.cc_model_filenames[cc] = filename
+    _batching(cfg, spec)
+    prof = trt_engine.profile(spec, dims)
+    warmup = cfg.model_warmup.add(name=f"{spec.name}_warmup", batch_size=1)
+    for t in spec.inputs:
+        shape = list(prof.shapes[t.name][1][1:])  # the profile's opt shape, without batch
+        inp = warmup.inputs[t.name]
+        inp.data_type = mc.DataType.Value(t.triton_type)
+        inp.dims.extend(shape)
+        if t.dtype == "float32":
+            inp.random_data = True
+        else:
+            inp.zero_data = True  # ids and labels must stay valid indices
+    if spec.name in CUDA_GRAPH_MODELS:
+        cfg.optimization.cuda.graphs = True
+        for b in range(1, spec.max_batch_size + 1):
+            cfg.optimization.cuda.graph_spec.add(batch_size=b)
+    return cfg
+
+
+def collect_engines(
+    spec: T.ModelSpec, engines_dir: Path, onnx: Path, precision: str
+) -> dict[str, Path]:
+    """compute capability -> plan of every checked engine for `spec` (EngineError if none or
+    if one does not belong to this ONNX, precision and Triton's TensorRT)."""
+    found: dict[str, Path] = {}
+    for meta_path in sorted((engines_dir / spec.name).glob("model.sm*.json")):
+        meta = trt_engine.EngineMeta.read(meta_path)
+        trt_engine.check_engine(meta, onnx, precision)
+        plan = meta_path.with_suffix(".plan")
+        if not plan.is_file():
+            raise trt_engine.EngineError(f"{meta_path} has no plan beside it ({plan.name})")
+        found[meta.compute_capability] = plan
+    if not found:
+        raise trt_engine.EngineError(
+            f"no TensorRT engine for {spec.name} in {engines_dir / spec.name}: build it on the "
+            "target GPU with python -m medpclip.export --flavour tensorrt"
+        )
+    return found
 
 
 def write_config(cfg: mc.ModelConfig, directory: Path) -> Path:
@@ -82,9 +140,12 @@ def generate(
     checkpoint: Path,
     flavour: str = "onnxruntime",
     ort_threads: int = 0,
+    engines_dir: Path | None = None,
+    precision: str = "fp16",
     log=print,
 ) -> Path:
-    """Write the complete repository to `out` and return it."""
+    """Write the complete repository to `out` and return it. The tensorrt flavour takes its
+    plans from `engines_dir` and refuses any that do not match (EngineError)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; available: {', '.join(FLAVOURS)}")
     cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
@@ -103,9 +164,19 @@ def generate(
     }
     for spec in T.ENCODERS:
         d = out / spec.name
-        write_config(model_config(spec, dims, {"intra_op_threads": ort_threads}), d)
-        _copy(SOURCES / "onnx_runner" / "model.py", d / "1" / "model.py")
-        _copy(onnx_dir / f"{spec.name}.onnx", d / "1" / "model.onnx")
+        onnx = onnx_dir / f"{spec.name}.onnx"
+        if flavour == "tensorrt":
+            plans = collect_engines(spec, engines_dir or out.parent / "engines", onnx, precision)
+            write_config(tensorrt_config(spec, dims, {cc: p.name for cc, p in plans.items()}), d)
+            files = {p.name: p for p in plans.values()}
+        else:
+            write_config(model_config(spec, dims, {"intra_op_threads": ort_threads}), d)
+            files = {"model.py": SOURCES / "onnx_runner" / "model.py", "model.onnx": onnx}
+        for name, src in files.items():
+            _copy(src, d / "1" / name)
+        for stale in (d / "1").iterdir():  # what another flavour left behind
+            if stale.is_file() and stale.name not in files:
+                stale.unlink()
     for spec in T.PYTHON_MODELS:
         d = out / spec.name
         write_config(model_config(spec, dims, params[spec.name]), d)
