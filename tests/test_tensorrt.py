@@ -47,17 +47,19 @@ def test_trtexec_script_matches_the_profile(build_dir, model, tmp_path):
     spec = T.IMAGE_ENCODER
     prof = te.profile(spec, model.cfg.dims)
     onnx = build_dir / "onnx" / "image_encoder.onnx"
-    fp16 = te.write_trtexec_script(onnx, tmp_path / "fp16", prof, "fp16", tmp_path / "t.cache")
+    fp16 = te.write_trtexec_script(onnx, tmp_path / "fp16", prof, "fp16")
     text = fp16.read_text()
     for i, flag in enumerate(("--minShapes=", "--optShapes=", "--maxShapes=")):
         want = ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in prof.shapes.items())
         assert f"{flag}{want}" in text
     assert "--fp16" in text and "--precisionConstraints=obey" in text
-    assert "--timingCacheFile=" in text and '"--saveEngine=$DIR/model.sm${CC}.plan"' in text
+    assert '"--timingCacheFile=$DIR/../timing.sm${CC}.cache"' in text
+    assert '"--saveEngine=$DIR/model.sm${CC}.plan"' in text and "--skipInference" in text
     kept = te.fp32_layers(onnx)
     assert any("LayerNormalization" in n for n in kept) and any("Softmax" in n for n in kept)
-    assert all(f"{n}:fp32" in text for n in kept)
-    fp32 = te.write_trtexec_script(onnx, tmp_path / "fp32", prof, "fp32", tmp_path / "t.cache")
+    for flag in ("--layerPrecisions=", "--layerOutputTypes="):
+        assert flag + ",".join(f"{n}:fp32" for n in kept) in text
+    fp32 = te.write_trtexec_script(onnx, tmp_path / "fp32", prof, "fp32")
     assert "--fp16" not in fp32.read_text() and "--layerPrecisions" not in fp32.read_text()
     assert te.engine_name("8.9") == "model.sm89.plan"
 

@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                     engines / spec.name,
                     trt_engine.profile(spec, model.cfg.dims),
                     args.precision,
-                    engines / "timing.cache",
                 )
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -113,9 +114,10 @@ def trtexec_command(
     ]
     if precision == "fp16":
         cmd += ["--fp16", "--precisionConstraints=obey"]
-        if fp32:
+        if fp32:  # as the Python builder: the layer's precision and its output type
             cmd.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in fp32))
-    return cmd
+            cmd.append("--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in fp32))
+    return cmd + ["--skipInference"]
 
 
 def sha256(path: Path) -> str:
@@ -170,6 +172,8 @@ def check_engine(
 
 def gpu_identity() -> tuple[str, str]:
     """(name, compute capability) of GPU 0, from nvidia-smi."""
+    # nvidia-smi counts GPUs in PCI order; make CUDA (and so TensorRT) count the same way
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     try:
         line = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
@@ -183,8 +187,13 @@ def gpu_identity() -> tuple[str, str]:
             f"no NVIDIA GPU visible (nvidia-smi: {exc}); TensorRT engines are "
             "built on the GPU that will run them"
         ) from None
-    name, cc = (s.strip() for s in line.split(","))
+    name, cc = (s.strip() for s in line.rsplit(",", 1))
     return name, cc
+
+
+def timing_cache_name(compute_capability: str) -> str:
+    """Timing caches are device-specific: one per GPU architecture."""
+    return f"timing.sm{compute_capability.replace('.', '')}.cache"
 
 
 def build_engine(
@@ -205,19 +214,27 @@ def build_engine(
             f"container {TRITON_RELEASE} on the target GPU (docker compose up export), or run "
             f"the .trtexec.sh written in {out_dir}"
         ) from None
+    if _major_minor(trt) != TRITON_TENSORRT:
+        raise EngineError(
+            f"TensorRT {trt.__version__} is installed here, but Triton {TRITON_RELEASE} loads "
+            f"plans of TensorRT {TRITON_TENSORRT} only: build in the {TRITON_RELEASE} containers"
+        )
     gpu, cc = gpu_identity()
     engine = out_dir / engine_name(cc)
     meta_path = engine.with_suffix(".json")
     prof = profile(spec, dims)
-    timing_cache = timing_cache or out_dir.parent / "timing.cache"
-    write_trtexec_script(onnx_path, out_dir, prof, precision, timing_cache)
+    profile_doc = json.loads(json.dumps({k: list(v) for k, v in prof.shapes.items()}))
+    timing_cache = timing_cache or out_dir.parent / timing_cache_name(cc)
+    write_trtexec_script(onnx_path, out_dir, prof, precision)
     if engine.is_file() and meta_path.is_file():
+        meta = EngineMeta.read(meta_path)
         try:
-            check_engine(EngineMeta.read(meta_path), onnx_path, precision, _major_minor(trt))
-            log(f"  {spec.name}: engine up to date ({engine.name}, {gpu}), reusing")
-            return engine
+            check_engine(meta, onnx_path, precision)
+            if meta.profile == profile_doc:
+                log(f"  {spec.name}: engine up to date ({engine.name}, {gpu}), reusing")
+                return engine
         except EngineError:
-            pass
+            pass  # stale: rebuild
     start = time.perf_counter()
     log(f"  {spec.name}: building {precision} engine for {gpu} (sm {cc}) ...")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -232,33 +249,30 @@ def build_engine(
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        keep = set(fp32_layers(onnx_path))
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.name in keep or layer.name.split("/")[-1] in FP32_ONNX_OPS:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    if layer.get_output(j).dtype == trt.float32:
-                        layer.set_output_type(j, trt.float32)
+        _keep_fp32(trt, network, set(fp32_layers(onnx_path)))
     p = builder.create_optimization_profile()
     for name, (lo, opt, hi) in prof.shapes.items():
         p.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(p)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        log(f"  {spec.name}: timing cache {timing_cache.name} rejected, starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{spec.name}: TensorRT failed to build an engine (see its log above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     engine.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    if cache is not None:
+        timing_cache.write_bytes(bytes(cache.serialize()))
     EngineMeta(
         model=spec.name,
         tensorrt=trt.__version__,
         gpu=gpu,
         compute_capability=cc,
         precision=precision,
-        profile={k: list(v) for k, v in prof.shapes.items()},
+        profile=profile_doc,
         onnx_sha256=sha256(onnx_path),
         built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     ).write(meta_path)
@@ -266,28 +280,44 @@ def build_engine(
     return engine
 
 
+def _keep_fp32(trt, network, names: set[str]) -> None:
+    """Pin the float layers made from FP32_ONNX_OPS nodes to FP32 (precision and output)."""
+    floats = (trt.float32, trt.float16)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name not in names and layer.name.split("/")[-1] not in FP32_ONNX_OPS:
+            continue
+        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        if any(t is not None and t.dtype not in floats for t in inputs):
+            continue  # e.g. a reduction over the int64 attention mask
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in floats:
+                layer.set_output_type(j, trt.float32)
+
+
 def _major_minor(trt) -> str:
     return ".".join(trt.__version__.split(".")[:2])
 
 
-def write_trtexec_script(
-    onnx_path: Path, out_dir: Path, prof: Profile, precision: str, timing_cache: Path
-) -> Path:
-    """`<out_dir>/model.trtexec.sh`: the same build by hand, for operators. It names the
-    engine after the GPU it runs on, like the Python builder (metadata is not written)."""
-    engine = "ENGINE"
+def write_trtexec_script(onnx_path: Path, out_dir: Path, prof: Profile, precision: str) -> Path:
+    """`<out_dir>/model.trtexec.sh`: the same build by hand, for operators. It names the engine
+    and the timing cache after the GPU it runs on, like the Python builder (it writes no
+    metadata: the repository generator takes only engines our builder made)."""
     cmd = trtexec_command(
         onnx_path.resolve(),
-        Path(engine),
+        Path("ENGINE"),
         prof,
         precision,
-        timing_cache.resolve(),
+        Path("CACHE"),
         fp32_layers(onnx_path) if precision == "fp16" else None,
     )
-    lines = [shlex.quote(c) for c in cmd]
-    lines = [
-        c.replace(f"--saveEngine={engine}", '"--saveEngine=$DIR/model.sm${CC}.plan"') for c in lines
-    ]
+    shell = {
+        "trtexec": '"$TRTEXEC"',
+        "--saveEngine=ENGINE": '"--saveEngine=$DIR/model.sm${CC}.plan"',
+        "--timingCacheFile=CACHE": '"--timingCacheFile=$DIR/../timing.sm${CC}.cache"',
+    }
+    lines = [shell.get(c, shlex.quote(c)) for c in cmd]
     script = out_dir / "model.trtexec.sh"
     out_dir.mkdir(parents=True, exist_ok=True)
     script.write_text(
@@ -297,6 +327,7 @@ def write_trtexec_script(
         "set -e\n"
         'DIR=$(cd "$(dirname "$0")" && pwd)\n'
         "CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 | tr -d .)\n"
+        "TRTEXEC=$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)\n"
         + " \\\n  ".join(lines)
         + "\n"
     )
