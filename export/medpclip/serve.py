@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .deployment import SERVER_FLAGS
+
 __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_REPOSITORY",
@@ -366,11 +368,8 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--allow-metrics=true",
-            # Fail fast on a broken model instead of serving a half-loaded repository.
-            "--exit-on-error=true",
-            # Ready only once every model is loaded, so callers can trust /v2/health/ready.
-            "--strict-readiness=true",
+            # the flags every deployment shares (compose and Kubernetes too)
+            *SERVER_FLAGS,
             "--log-verbose=0",
             *self.extra_args,
         ]
