@@ -1,9 +1,11 @@
 """Locust load test of the MedP-CLIP ensembles over gRPC.
 
-    locust -f perf/locustfile.py --headless -u 4 -r 2 -t 30s --host 127.0.0.1:8001
+    locust -f perf/locustfile.py --headless --host 127.0.0.1:8001
 
 A mix of what clients do: region classification against a label list, embeddings only, and
 interactive segmentation, on phantom CT slices sent as DICOM; every answer is checked.
+The load ramps in stages (`RampShape`) and the run ends by itself after the last one; set
+MEDPCLIP_RAMP="users:seconds,..." to change them (e.g. "2:6" for a few-second smoke test).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import os  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from locust import User, between, events, task  # noqa: E402
+from locust import LoadTestShape, User, between, events, task  # noqa: E402
 
 from medpclip.evaluate import centre_point  # noqa: E402
 from medpclip.phantoms import CANONICAL, phantoms, to_dicom  # noqa: E402
@@ -85,3 +88,23 @@ class MedPClipUser(User):
             assert r.mask.shape == p.hu.shape
 
         self._call("medp_clip_image segment", run)
+
+
+class RampShape(LoadTestShape):
+    """Stages of (users, seconds), cumulative; the test stops after the last stage."""
+
+    stages = [
+        (int(u), float(t))
+        for u, t in (
+            stage.split(":")
+            for stage in os.environ.get("MEDPCLIP_RAMP", "2:30,4:30,8:60,16:60").split(",")
+        )
+    ]
+
+    def tick(self):
+        elapsed, end = self.get_run_time(), 0.0
+        for users, seconds in self.stages:
+            end += seconds
+            if elapsed < end:
+                return users, max(1, users)  # spawn rate: reach the stage within a second
+        return None
