@@ -147,3 +147,22 @@ def test_concurrent_requests_are_batched_correctly(grpc, model, checkpoint):
     for img, got in zip(imgs, served, strict=True):
         want = _reference(model, checkpoint, img, PROMPTS["point"], None)
         assert np.abs(got["REGION_EMBEDDING"] - want["REGION_EMBEDDING"]).max() <= ATOL
+
+
+def test_repeated_label_set_is_answered_from_the_response_cache(grpc, server):
+    import re
+    import urllib.request
+
+    def hits() -> int:
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        m = re.search(
+            r'nv_cache_num_hits_per_model\{model="medp_clip_text",version="1"\} (\d+)', text
+        )
+        return int(m.group(1)) if m else 0
+
+    labels = np.array([b"a cached label", b"another cached label"], dtype=object)
+    first = _infer(grpc, "medp_clip_text", LABELS=labels)["TEXT_EMBEDDINGS"]
+    before = hits()
+    again = _infer(grpc, "medp_clip_text", LABELS=labels)["TEXT_EMBEDDINGS"]
+    assert hits() == before + 1
+    assert np.array_equal(first, again)

@@ -24,6 +24,7 @@ SERVER_FLAGS = (
     "--allow-metrics=true",
     "--exit-on-error=true",  # a broken model fails the pod instead of serving half a repository
     "--strict-readiness=true",  # ready only once every model is loaded
+    "--cache-config=local,size=268435456",  # 256 MiB response cache (repeated label sets)
 )
 MODELS = tuple(m.name for m in T.ENSEMBLES)
 # The custom metric the HorizontalPodAutoscaler scales on (from prometheus-adapter's rule).

@@ -28,6 +28,9 @@ SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
 FLAVOURS = ("onnxruntime", "tensorrt")
 # Image encoder shapes are all static: CUDA graphs for every batch size pay off there.
 CUDA_GRAPH_MODELS = ("image_encoder",)
+# Label sets repeat (every request of a PACS integration sends the same list): answer a repeated
+# set from Triton's response cache (enabled by the server flag --cache-config).
+CACHED_MODELS = ("medp_clip_text",)
 
 
 def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
@@ -185,7 +188,10 @@ def generate(
         _copy(checkpoint / TOKENIZER, out / name / "1" / TOKENIZER)
     for spec in T.ENSEMBLES:
         d = out / spec.name
-        write_config(model_config(spec, dims), d)
+        cfg_msg = model_config(spec, dims)
+        if spec.name in CACHED_MODELS:
+            cfg_msg.response_cache.enable = True
+        write_config(cfg_msg, d)
         (d / "1").mkdir(exist_ok=True)  # an ensemble still needs a version folder
     (out / "medpclip.json").write_text(
         json.dumps(

@@ -362,6 +362,8 @@ class TritonServer:
             str(_tritonserver_executable()),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_directory(self.cache)}",
+            # the wheel keeps the response-cache library outside the container's default path
+            f"--cache-directory={_tritonserver_dir() / 'caches'}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}",
