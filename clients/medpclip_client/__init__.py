@@ -1,6 +1,18 @@
 """Client for MedP-CLIP, a region-aware medical CLIP served on NVIDIA Triton."""
 
-from .client import MedPClipClient, MedPClipError, Region, Result
+from .aio import AsyncMedPClipClient, Outcome
+from .client import MedPClipClient, MedPClipError, Region, Request, Result
+from .dicom import read_dicom, to_request
 
-__all__ = ["MedPClipClient", "MedPClipError", "Region", "Result"]
+__all__ = [
+    "AsyncMedPClipClient",
+    "MedPClipClient",
+    "MedPClipError",
+    "Outcome",
+    "Region",
+    "Request",
+    "Result",
+    "read_dicom",
+    "to_request",
+]
 __version__ = "0.1.0"

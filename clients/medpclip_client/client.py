@@ -1,4 +1,5 @@
-"""Synchronous gRPC client for the MedP-CLIP ensembles served by Triton.
+"""Synchronous gRPC client for the MedP-CLIP ensembles served by Triton, and what the
+asyncio client (`aio.AsyncMedPClipClient`) shares with it.
 
 Every request tensor is built from the declarations in `tensors.py` (name, wire dtype, rank), so
 the client cannot drift from the server's model configs. Coordinates are pixels of the original
@@ -8,14 +9,28 @@ image: x = column, y = row, origin at the top-left corner.
     >>> result = client.infer(open("ct.dcm", "rb").read(), Region(box=(40, 60, 180, 200)),
     ...                       labels=["a lung nodule", "a cyst"], window=(-600, 1500))
     >>> result.top(1)
+
+Connections: a client holds one gRPC channel for its lifetime; reuse one client for many calls
+(it is thread-safe) instead of opening one per request, which would pay a TCP (and TLS)
+handshake each time. Deadlines: `timeout_s` bounds a whole call, retries and their waits
+included. Retries: only UNAVAILABLE (nothing listening, connection lost, server shutting down)
+is retried, with exponential backoff and jitter; INVALID_ARGUMENT would fail the same way again
+and DEADLINE_EXCEEDED means the time budget is spent, so neither is retried. Inference has no
+side effects, so a retried request cannot be applied twice.
+
+Caution: Triton 2.51 (24.10, the release served here) can crash when a gRPC request is
+cancelled while it runs, which is what an expiring deadline does (triton-inference-server/
+server#7368, fixed in 24.12). Keep `timeout_s` well above the slowest expected answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -28,7 +43,9 @@ __all__ = [
     "MedPClipClient",
     "MedPClipError",
     "Region",
+    "Request",
     "Result",
+    "RetryPolicy",
     "build_inputs",
     "build_outputs",
     "load_mask",
@@ -37,12 +54,15 @@ __all__ = [
 
 DEFAULT_URL = "127.0.0.1:8001"
 _Client = TypeVar("_Client", bound="MedPClipClient")
+_T = TypeVar("_T")
 
 STATUS_INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
-# statuses meaning "the service is not there (now)": retrying later may help
+STATUS_RETRYABLE = "StatusCode.UNAVAILABLE"  # the only status a client retries
+STATUS_DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
+# statuses meaning "the service is not there (now)": the CLI's exit code 4
 STATUS_UNAVAILABLE = (
-    "StatusCode.UNAVAILABLE",
-    "StatusCode.DEADLINE_EXCEEDED",
+    STATUS_RETRYABLE,
+    STATUS_DEADLINE_EXCEEDED,
     "StatusCode.NOT_FOUND",
 )
 
@@ -75,19 +95,23 @@ _OUT = {
 }
 _TEXT_IN = _declared(MEDP_CLIP_TEXT.inputs, "LABELS", MEDP_CLIP_TEXT.name)
 _TEXT_OUT = _declared(MEDP_CLIP_TEXT.outputs, "TEXT_EMBEDDINGS", MEDP_CLIP_TEXT.name)
+_ENSEMBLES = (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
 
 
 class MedPClipError(Exception):
     """A failed request: `.status` is the gRPC status ("StatusCode.INVALID_ARGUMENT", ...; None
-    for a client-side failure) and `.message` the server's message."""
+    for a client-side failure), `.message` the server's message and `.attempts` how many times
+    the request was sent (more than 1 after retries)."""
 
-    def __init__(self, message: str, status: str | None = None) -> None:
+    def __init__(self, message: str, status: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.attempts = attempts
 
     def __str__(self) -> str:
-        return f"[{self.status}] {self.message}" if self.status else self.message
+        tries = f" ({self.attempts} attempts)" if self.attempts > 1 else ""
+        return f"[{self.status}] {self.message}{tries}" if self.status else self.message + tries
 
     @property
     def invalid_input(self) -> bool:
@@ -98,6 +122,11 @@ class MedPClipError(Exception):
     def unavailable(self) -> bool:
         """The server or model could not be reached, is not loaded, or did not answer in time."""
         return self.status in STATUS_UNAVAILABLE
+
+    @property
+    def retryable(self) -> bool:
+        """Sending the same request again later may succeed (UNAVAILABLE only)."""
+        return self.status == STATUS_RETRYABLE
 
 
 @dataclass
@@ -112,6 +141,21 @@ class Region:
 
     def is_empty(self) -> bool:
         return not self.points and self.box is None and self.mask is None
+
+
+@dataclass
+class Request:
+    """One `infer` call as data, for batches (`AsyncMedPClipClient.infer_many`).
+
+    `image`: file bytes (PNG/JPEG/DICOM, decoded by the server) or pixels H x W[ x C];
+    `window`: (centre, width); `tag`: the caller's own reference (e.g. a file name), never
+    sent to the server."""
+
+    image: bytes | np.ndarray
+    region: Region | None = None
+    labels: Sequence[str] | None = None
+    window: tuple[float, float] | None = None
+    tag: Any = None
 
 
 @dataclass
@@ -152,7 +196,7 @@ class Result:
         ]
 
 
-# --- request building (no server needed) ------------------------------------------------------
+# --- request building (no server needed; shared by the sync and asyncio clients) -----------------
 
 
 def _array(model: ModelSpec, tensor: Tensor, value: object) -> np.ndarray:
@@ -262,33 +306,258 @@ def model_for(labels: Sequence[str] | None) -> ModelSpec:
     return MEDP_CLIP if labels else MEDP_CLIP_IMAGE
 
 
-# --- client -----------------------------------------------------------------------------------
+def prepare(request: Request) -> tuple[ModelSpec, list, list]:
+    """(model, InferInputs, InferRequestedOutputs) of one image request; the one place the
+    sync and asyncio clients build requests."""
+    from tritonclient.utils import InferenceServerException
+
+    model = model_for(request.labels)
+    try:
+        inputs = build_inputs(model, request.image, request.region, request.labels, request.window)
+    except InferenceServerException as exc:
+        raise _wrap(exc) from None
+    return model, inputs, build_outputs(model)
 
 
-def _wrap(exc: Exception) -> MedPClipError:
-    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else None
-    return MedPClipError(message or str(exc), status)
+def text_inputs(labels: Sequence[str]) -> list:
+    """The `medp_clip_text` request's `InferInput`s."""
+    from tritonclient.grpc import InferInput
+
+    if isinstance(labels, str):
+        raise TypeError("labels must be a list of strings, not one string")
+    if not len(labels):
+        raise InputError("labels is empty")
+    array = _array(MEDP_CLIP_TEXT, _TEXT_IN, [str(s).encode("utf-8") for s in labels])
+    inp = InferInput(_TEXT_IN.name, list(array.shape), _TEXT_IN.wire_type)
+    inp.set_data_from_numpy(array)
+    return [inp]
 
 
-class MedPClipClient:
-    """Blocking client for the `medp_clip`, `medp_clip_image` and `medp_clip_text` ensembles.
+# --- response parsing (shared by the sync and asyncio clients) --------------------------------
 
-    `url` is host:port of Triton's gRPC endpoint; `timeout_s` bounds each call (None: no
-    limit). Errors are raised as `MedPClipError`; use as a context manager to close the channel.
+
+def parse_result(model: ModelSpec, labels: Sequence[str] | None, response: Any) -> Result:
+    """A `Result` from an image ensemble's `InferResult` (sync or asyncio, same class)."""
+    arrays = {t.name: response.as_numpy(t.name) for t in model.outputs}
+    missing = [name for name, a in arrays.items() if a is None]
+    if missing:
+        raise MedPClipError(f"response lacks outputs {missing}")
+
+    def get(role: str) -> np.ndarray | None:
+        name = _OUT[role].name
+        return np.array(arrays[name]) if name in arrays else None
+
+    mask, logits, iou = get("REGION_MASK"), get("MASK_LOGITS"), get("IOU")
+    glob, reg, patches = get("GLOBAL_EMBEDDING"), get("REGION_EMBEDDING"), get("PATCH_FEATURES")
+    assert mask is not None and logits is not None and iou is not None  # declared by both
+    assert glob is not None and reg is not None and patches is not None
+    return Result(
+        labels=list(labels or []),
+        region_probs=get("REGION_PROBS"),
+        image_probs=get("IMAGE_PROBS"),
+        global_embedding=glob,
+        region_embedding=reg,
+        patch_features=patches,
+        mask=mask.astype(np.uint8, copy=False),
+        mask_logits=logits,
+        iou=float(iou.reshape(-1)[0]),
+    )
+
+
+def parse_text(response: Any) -> np.ndarray:
+    """[T, D] text embeddings from a `medp_clip_text` `InferResult`."""
+    out = response.as_numpy(_TEXT_OUT.name)
+    if out is None:
+        raise MedPClipError(f"response lacks output {_TEXT_OUT.name}")
+    return np.array(out)
+
+
+# --- retries, deadlines, connection options (shared by the sync and asyncio clients) ----------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, for UNAVAILABLE only.
+
+    Retry n (1-based) waits `min(backoff_max_s, backoff_s * 2**(n-1))` times a random factor in
+    [0.5, 1]: the jitter keeps many clients that lost the same server from reconnecting in
+    lockstep, the lower bound keeps a real pause. The defaults (3 retries: about 0.25 + 0.5 +
+    1 s at most) ride out a dropped connection or a restarting load balancer, not a long outage.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float | None = 60) -> None:
-        from tritonclient.grpc import InferenceServerClient
+    retries: int = 3
+    backoff_s: float = 0.25
+    backoff_max_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if not (0 < self.backoff_s <= self.backoff_max_s):
+            raise ValueError("need 0 < backoff_s <= backoff_max_s")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based)."""
+        cap = min(self.backoff_max_s, self.backoff_s * 2 ** (retry - 1))
+        return cap * random.uniform(0.5, 1.0)
+
+
+# Called before each backoff wait with (failed attempt number, its error, seconds to wait).
+RetryHook = Callable[[int, MedPClipError, float], None]
+
+
+def _wrap(exc: Exception, attempts: int = 1) -> MedPClipError:
+    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else None
+    return MedPClipError(message or str(exc), status, attempts)
+
+
+class _Attempts:
+    """The attempts of one call under a deadline: `timeout()` for the next attempt, `failed()`
+    decides between waiting (returns the delay) and giving up (raises). The sync and asyncio
+    clients differ only in how they wait."""
+
+    def __init__(self, policy: RetryPolicy, timeout_s: float | None, hook: RetryHook | None):
+        self.policy, self.hook = policy, hook
+        self.end = None if timeout_s is None else time.monotonic() + timeout_s
+        self.attempt = 1
+
+    def timeout(self) -> float | None:
+        """Time left for the next attempt (the gRPC deadline), None without a limit."""
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def failed(self, exc: Exception) -> float:
+        """Seconds to wait before the next attempt, or raise the `MedPClipError`: not
+        UNAVAILABLE, retries used up, or the wait would pass the deadline."""
+        error = _wrap(exc, self.attempt)
+        if not error.retryable or self.attempt > self.policy.retries:
+            raise error from None
+        delay = self.policy.delay(self.attempt)
+        left = self.timeout()
+        if left is not None and delay >= left:
+            raise error from None
+        if self.hook is not None:
+            self.hook(self.attempt, error, delay)
+        self.attempt += 1
+        return delay
+
+
+class _Unset:
+    """Marks "use the client's `timeout_s`" (None already means no limit)."""
+
+
+UNSET: Any = _Unset()
+
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images can be large
+
+
+class _ClientBase:
+    """Options and connection set-up shared by `MedPClipClient` and `AsyncMedPClipClient`
+    (the options are documented on `MedPClipClient`)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout_s: float | None = 60,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.25,
+        backoff_max_s: float = 4.0,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        on_retry: RetryHook | None = None,
+    ) -> None:
         from tritonclient.utils import InferenceServerException
 
         self.url = url
         self.timeout_s = timeout_s
+        self.retry = RetryPolicy(retries, backoff_s, backoff_max_s)
+        self.headers = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+        self.on_retry = on_retry
         self._errors: tuple[type[Exception], ...] = (InferenceServerException,)
+        self._tls = {
+            "root_certificates": root_certificates,
+            "private_key": private_key,
+            "certificate_chain": certificate_chain,
+        }
+        self.ssl = bool(ssl) or any(v is not None for v in self._tls.values())
+        self._client = self._connect()
+
+    @staticmethod
+    def _triton_class() -> type:
+        """tritonclient's client class (sync or asyncio), imported when a client is made."""
+        raise NotImplementedError
+
+    def _connect(self) -> Any:
+        """The tritonclient client: one gRPC channel, reused for every call of this client."""
+        tls = {k: None if v is None else str(v) for k, v in self._tls.items()}
+        for what, path in tls.items():
+            if path is not None and not Path(path).is_file():
+                raise MedPClipError(f"TLS {what} file not found: {path}")
         try:
-            self._client = InferenceServerClient(url=url)
-        except InferenceServerException as exc:
+            return self._triton_class()(
+                url=self.url, ssl=self.ssl, channel_args=self._channel_args(), **tls
+            )
+        except self._errors as exc:
             raise _wrap(exc) from None
+
+    @property
+    def triton(self) -> Any:
+        """The underlying tritonclient client (for calls this class does not wrap)."""
+        return self._client
+
+    def _channel_args(self) -> list[tuple[str, int]]:
+        """tritonclient's defaults, plus a reconnect backoff no longer than ours: after a
+        failure gRPC waits (1 s growing to 120 s by default) before reconnecting and fails calls
+        fast meanwhile, which would turn our retries into no-ops."""
+        from tritonclient.grpc import KeepAliveOptions
+
+        keepalive = KeepAliveOptions()
+        min_ms = max(1, int(self.retry.backoff_s * 1000))
+        return [
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", min_ms),
+            ("grpc.min_reconnect_backoff_ms", min_ms),
+            ("grpc.max_reconnect_backoff_ms", max(min_ms, int(self.retry.backoff_max_s * 1000))),
+        ]
+
+    def _attempts(self, timeout_s: Any, retry: bool = True) -> _Attempts:
+        policy = self.retry if retry else RetryPolicy(0)
+        return _Attempts(policy, self.timeout_s if timeout_s is UNSET else timeout_s, self.on_retry)
+
+
+# --- sync client ------------------------------------------------------------------------------
+
+
+class MedPClipClient(_ClientBase):
+    """Blocking client for the `medp_clip`, `medp_clip_image` and `medp_clip_text` ensembles.
+
+    url: host:port of Triton's gRPC endpoint. timeout_s: deadline of each call, retries and
+    their waits included (None: no limit; each method also takes `timeout_s=`).
+    retries, backoff_s, backoff_max_s: retries on UNAVAILABLE, see `RetryPolicy`.
+    ssl: use TLS. root_certificates (CA bundle to verify the server; default the system's),
+    private_key and certificate_chain (a client certificate, for mutual TLS): PEM file paths,
+    as tritonclient takes them; giving any of them turns TLS on.
+    headers: gRPC metadata sent with every call, e.g. {"authorization": "Bearer ..."} (keys
+    are lower-cased, as gRPC requires; values are never logged).
+    on_retry: called as on_retry(attempt, error, delay_s) before each backoff wait.
+
+    Errors are raised as `MedPClipError`; use as a context manager to close the channel. One
+    instance may be shared by threads (tritonclient's gRPC client is thread-safe).
+    """
+
+    @staticmethod
+    def _triton_class() -> type:
+        from tritonclient.grpc import InferenceServerClient
+
+        return InferenceServerClient
 
     def close(self) -> None:
         self._client.close()
@@ -299,93 +568,58 @@ class MedPClipClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ready(self) -> bool:
-        """True when the server and all three ensembles are ready to serve."""
-        try:
-            if not self._client.is_server_ready(client_timeout=self.timeout_s):
-                return False
-            return all(
-                self._client.is_model_ready(m.name, client_timeout=self.timeout_s)
-                for m in (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
-            )
-        except self._errors:
-            return False
+    def _call(
+        self, method: str, *args: Any, timeout_s: Any = UNSET, retry: bool = True, **kwargs: Any
+    ) -> Any:
+        """`self.triton.<method>(*args, **kwargs)` with the headers, deadline and retries."""
+        attempts = self._attempts(timeout_s, retry)
+        while True:
+            try:
+                fn = getattr(self._client, method)
+                return fn(*args, headers=self.headers, client_timeout=attempts.timeout(), **kwargs)
+            except self._errors as exc:
+                time.sleep(attempts.failed(exc))
 
-    def _infer(self, model: ModelSpec, inputs: list) -> object:
+    def ready(self) -> bool:
+        """True when the server and all three ensembles are ready to serve (one try each: a
+        readiness probe reports the present, it does not wait)."""
         try:
-            return self._client.infer(
-                model.name, inputs, outputs=build_outputs(model), client_timeout=self.timeout_s
-            )
-        except self._errors as exc:
-            raise _wrap(exc) from None
+            if not self._call("is_server_ready", retry=False):
+                return False
+            return all(self._call("is_model_ready", m.name, retry=False) for m in _ENSEMBLES)
+        except MedPClipError:
+            return False
 
     def infer(
         self,
         image: bytes | np.ndarray,
         region: Region | None = None,
-        labels: list[str] | None = None,
+        labels: Sequence[str] | None = None,
         window: tuple[float, float] | None = None,
+        *,
+        timeout_s: float | None = UNSET,
     ) -> Result:
         """Score `labels` for the region and the whole image, and segment the region.
 
         `image`: PNG/JPEG/DICOM bytes (decoded by the server), or pixels H x W[ x C] (display
-        values in [0, 255], or raw values such as Hounsfield units with `window`).
-        `window`: (centre, width) display window; for DICOM it overrides the file's window.
-        Without labels only embeddings and the mask are computed (`medp_clip_image`).
+        values in [0, 255], or raw values such as Hounsfield units with `window`; see
+        `dicom.to_request`). `window`: (centre, width) display window; for DICOM it overrides
+        the file's window. Without labels only embeddings and the mask are computed
+        (`medp_clip_image`). `timeout_s` overrides the client's deadline for this call.
         Raises `InputError` (a ValueError) for arguments that cannot form a request, and
         `MedPClipError` when the server rejects the request or cannot be reached.
         """
-        model = model_for(labels)
-        try:
-            inputs = build_inputs(model, image, region, labels, window)
-        except self._errors as exc:
-            raise _wrap(exc) from None
-        res = self._infer(model, inputs)
-        arrays = {t.name: res.as_numpy(t.name) for t in model.outputs}  # type: ignore[attr-defined]
-        missing = [name for name, a in arrays.items() if a is None]
-        if missing:
-            raise MedPClipError(f"response lacks outputs {missing}")
+        model, inputs, outputs = prepare(Request(image, region, labels, window))
+        response = self._call("infer", model.name, inputs, outputs=outputs, timeout_s=timeout_s)
+        return parse_result(model, labels, response)
 
-        def get(role: str) -> np.ndarray | None:
-            name = _OUT[role].name
-            return np.array(arrays[name]) if name in arrays else None
-
-        mask, logits, iou = get("REGION_MASK"), get("MASK_LOGITS"), get("IOU")
-        glob, reg, patches = get("GLOBAL_EMBEDDING"), get("REGION_EMBEDDING"), get("PATCH_FEATURES")
-        assert mask is not None and logits is not None and iou is not None  # declared by both
-        assert glob is not None and reg is not None and patches is not None
-        return Result(
-            labels=list(labels or []),
-            region_probs=get("REGION_PROBS"),
-            image_probs=get("IMAGE_PROBS"),
-            global_embedding=glob,
-            region_embedding=reg,
-            patch_features=patches,
-            mask=mask.astype(np.uint8, copy=False),
-            mask_logits=logits,
-            iou=float(iou.reshape(-1)[0]),
-        )
-
-    def text_embeddings(self, labels: Sequence[str]) -> np.ndarray:
+    def text_embeddings(
+        self, labels: Sequence[str], *, timeout_s: float | None = UNSET
+    ) -> np.ndarray:
         """L2-normalised text embeddings [T, D] of `labels` (cache them for repeated sets)."""
-        if isinstance(labels, str):
-            raise TypeError("labels must be a list of strings, not one string")
-        if not len(labels):
-            raise InputError("labels is empty")
-        try:
-            from tritonclient.grpc import InferInput
-
-            tensor = _TEXT_IN
-            array = _array(MEDP_CLIP_TEXT, tensor, [str(s).encode("utf-8") for s in labels])
-            inp = InferInput(tensor.name, list(array.shape), tensor.wire_type)
-            inp.set_data_from_numpy(array)
-        except self._errors as exc:
-            raise _wrap(exc) from None
-        res = self._infer(MEDP_CLIP_TEXT, [inp])
-        out = res.as_numpy(_TEXT_OUT.name)  # type: ignore[attr-defined]
-        if out is None:
-            raise MedPClipError(f"response lacks output {_TEXT_OUT.name}")
-        return np.array(out)
+        inputs = text_inputs(labels)
+        response = self._call("infer", MEDP_CLIP_TEXT.name, inputs, timeout_s=timeout_s)
+        return parse_text(response)
 
 
 # --- masks ------------------------------------------------------------------------------------

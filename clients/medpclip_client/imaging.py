@@ -133,14 +133,16 @@ def decode_dicom(
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
 
-            arr = convert_color_space(arr, photometric, "RGB")
+        arr = apply_color_lut(arr, ds)  # indices -> RGB through the palette
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        # pydicom 3 already returns RGB for YBR pixel data (convert_color_space=True default)
         a = arr.astype(np.float32)
-        # colour pixels are display values already: scale by the stored bit depth, as for PNG
-        return _apply_window(a, window) if window else a / float(2 ** int(ds.BitsStored) - 1)
+        bits = 8 * arr.dtype.itemsize if photometric == "PALETTE COLOR" else int(ds.BitsStored)
+        # colour pixels are display values already: scale by the bit depth, as for PNG
+        return _apply_window(a, window) if window else a / float(2**bits - 1)
     a = apply_modality_lut(arr, ds).astype(np.float32)
     if window:
         out = _apply_window(a, window)
@@ -149,8 +151,8 @@ def decode_dicom(
         centre = float(centre[0] if isinstance(centre, pydicom.multival.MultiValue) else centre)
         width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
         out = _apply_window(a, (centre, width))
-    elif "VOILUTSequence" in ds:
-        out = _min_max(apply_voi_lut(arr, ds).astype(np.float32))
+    elif "VOILUTSequence" in ds:  # PS3.3 C.11.2: the VOI LUT takes the modality LUT's output
+        out = _min_max(apply_voi_lut(a, ds).astype(np.float32))
     else:
         out = _min_max(a)
     if photometric == "MONOCHROME1":
