@@ -147,6 +147,12 @@ def to_dicom(p: Phantom, index: int = 0) -> bytes:
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "CT"
+    # the CT Image IOD's geometry (a SEG needs its Frame of Reference): 1 mm axial pixels
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [1.0, 1.0]
+    ds.SliceThickness = 1.0
     ds.PatientName, ds.PatientID = "PHANTOM^SYNTHETIC", f"PHANTOM{index:05d}"
     ds.Rows, ds.Columns = p.hu.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

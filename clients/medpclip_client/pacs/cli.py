@@ -1,0 +1,422 @@
+"""`medpclip-pacs`: run MedP-CLIP on instances of a DICOMweb archive and store the answers back
+as DICOM SR (+ SEG).
+
+    medpclip-pacs run --dicomweb http://127.0.0.1:8042/dicom-web \\
+        --study 1.2.3 --series 1.2.3.4 --instance 1.2.3.4.5 --point 62,70 --mask-out \\
+        --labels "a nodule" "a cyst"
+    medpclip-pacs query --dicomweb http://127.0.0.1:8042/dicom-web --modality CT \\
+        --study-date 20240101-20241231 --state state.jsonl --concurrency 4 --labels ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..client import DEFAULT_URL
+
+PROG = "medpclip-pacs"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_UNREACHABLE = 4
+EXIT_NOT_FOUND = 5
+
+DESCRIPTION = """\
+Fetch DICOM instances from a DICOMweb archive (WADO-RS), ask a MedP-CLIP Triton server which
+candidate label fits a region, and store the answer back (STOW-RS) as a DICOM Comprehensive 3D
+SR (TID 1500 measurement report: finding label, its probability, the region as image
+coordinates, a reference to the source) and, with --mask-out, a DICOM SEG of the mask. The SR
+and SEG go to the archive in one request: on any error nothing is stored."""
+
+EPILOG = """\
+region:
+  Pixels of the source image: x = column, y = row, from its top-left corner. --point may be
+  repeated; --box takes X0,Y0,X1,Y1. `run` needs one of them; `query` applies it to every
+  instance (without one the whole image is scored and the SR's region is the image outline).
+
+labels:
+  --labels "a nodule" "a cyst" (one argument each) or --labels-file F (one per line, # comments).
+  The best-scoring label is the finding; it is coded in the private scheme 99MEDPCLIP and its
+  full text is stored too.
+
+query mode:
+  QIDO-RS filters --modality and --study-date (YYYYMMDD, or a range YYYYMMDD-YYYYMMDD, open
+  ranges -YYYYMMDD and YYYYMMDD- too). Non-image instances (SR, SEG, ...) are skipped. --state
+  is a JSON-lines file: each stored (or refused) instance is appended right after its store, a
+  rerun skips them (refused ones are retried with --retry-refused); a state file belongs to one
+  request (labels, region, window, --mask-out). At most --concurrency instances are in flight.
+
+exit codes:
+  0  success
+  1  other error (e.g. the archive rejected the report)
+  2  usage error
+  3  input refused: not an image, no pixel data, multi-frame, an undecodable transfer syntax,
+     no SEG possible for it, or the inference server rejected the request
+  4  the DICOMweb archive or the inference server is unreachable
+  5  the study/series/instance is not in the archive
+  query: the code of the error that stopped the batch, else of the first failed instance,
+  else 3 if any instance was refused in this run.
+
+No patient attributes are printed or logged; instances are named by UID.
+"""
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")
+_DATE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+
+def _floats(text: str, n: int, syntax: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {syntax}, got {text!r}")
+    return values
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    x, y = _floats(text, 2, "X,Y (column, row in pixels)")
+    return x, y
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = _floats(text, 4, "X0,Y0,X1,Y1 (top-left and bottom-right corners)")
+    if not (x0 < x1 and y0 < y1):
+        raise argparse.ArgumentTypeError(f"expected X0 < X1 and Y0 < Y1, got {text!r}")
+    return x0, y0, x1, y1
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    centre, width = _floats(text, 2, "CENTRE,WIDTH")
+    if width <= 0:
+        raise argparse.ArgumentTypeError(f"the window width must be > 0, got {text!r}")
+    return centre, width
+
+
+def parse_uid(text: str) -> str:
+    if len(text) > 64 or not _UID.match(text):
+        raise argparse.ArgumentTypeError(f"not a DICOM UID (digits and dots, <= 64): {text!r}")
+    return text
+
+
+def parse_modality(text: str) -> str:
+    value = text.strip().upper()
+    if not _MODALITY.match(value):
+        raise argparse.ArgumentTypeError(f"not a DICOM modality (e.g. CT, MR): {text!r}")
+    return value
+
+
+def parse_study_date(text: str) -> str:
+    """YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD- (DICOM range matching)."""
+    m = _DATE.match(text.strip())
+    if not m or not (m.group(1) or m.group(3)) or (m.group(1) and m.group(3) and not m.group(2)):
+        raise argparse.ArgumentTypeError(
+            f"expected YYYYMMDD or YYYYMMDD-YYYYMMDD (open ranges allowed), got {text!r}"
+        )
+    dates = []
+    for g in (m.group(1), m.group(3)):
+        if g:
+            try:
+                dates.append(datetime.datetime.strptime(g, "%Y%m%d").date())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not a calendar date: {g!r}") from None
+    if len(dates) == 2 and dates[0] > dates[1]:
+        raise argparse.ArgumentTypeError(f"the range ends before it starts: {text!r}")
+    return text.strip()
+
+
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {text!r}")
+    return value
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, region_required: bool) -> None:
+    p.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        required=True,
+        help="DICOMweb root of the archive, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)",
+    )
+    g = p.add_mutually_exclusive_group(required=region_required)
+    g.add_argument(
+        "--point",
+        metavar="X,Y",
+        type=parse_point,
+        action="append",
+        help="a point inside the region (repeatable)",
+    )
+    g.add_argument("--box", metavar="X0,Y0,X1,Y1", type=parse_box, help="a box around the region")
+    lab = p.add_mutually_exclusive_group(required=True)
+    lab.add_argument("--labels", metavar="LABEL", nargs="+", help="candidate labels (free text)")
+    lab.add_argument("--labels-file", metavar="F", help="candidate labels, one per line")
+    p.add_argument("--mask-out", action="store_true", help="also store the mask as a DICOM SEG")
+    p.add_argument("--window", metavar="C,W", type=parse_window, help="display window centre,width")
+    p.add_argument(
+        "--triton",
+        "--url",
+        dest="triton",
+        metavar="HOST:PORT",
+        default=DEFAULT_URL,
+        help=f"Triton gRPC endpoint (default {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=60.0,
+        help="seconds per inference (default 60; 0: no limit)",
+    )
+    p.add_argument(
+        "--pacs-timeout",
+        metavar="S",
+        type=_seconds,
+        default=30.0,
+        help="seconds per DICOMweb request (default 30; 0: no limit)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (UIDs only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,query}")
+    run = sub.add_parser(
+        "run",
+        help="process one instance",
+        description="Process one instance, addressed by its three UIDs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--study", metavar="UID", type=parse_uid, required=True)
+    run.add_argument("--series", metavar="UID", type=parse_uid, required=True)
+    run.add_argument("--instance", metavar="UID", type=parse_uid, required=True)
+    _common(run, region_required=True)
+    query = sub.add_parser(
+        "query",
+        help="process every instance a QIDO-RS search finds (resumable)",
+        description="Process every instance matching the filters; resumable with --state.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    query.add_argument("--modality", type=parse_modality, help="QIDO filter, e.g. CT")
+    query.add_argument(
+        "--study-date", metavar="DATE", type=parse_study_date, help="QIDO filter (see below)"
+    )
+    query.add_argument("--state", metavar="FILE", required=True, help="resume state (JSON lines)")
+    query.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_bounded_int(1, 64),
+        default=4,
+        help="instances in flight at most (default 4)",
+    )
+    query.add_argument(
+        "--retry-refused", action="store_true", help="retry instances the state lists as refused"
+    )
+    _common(query, region_required=False)
+    return p
+
+
+_VALUE_OPTIONS = ("--point", "--box", "--window")
+_NEGATIVE = re.compile(r"^-[\d.]")
+
+
+def _join_negative(argv: Sequence[str]) -> list[str]:
+    """`--window -600,1500` -> `--window=-600,1500` (argparse would read an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _VALUE_OPTIONS and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    if args.labels_file:
+        try:
+            text = Path(args.labels_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --labels-file: {exc}") from None
+        labels = [s.strip() for s in text.splitlines()]
+        labels = [s for s in labels if s and not s.startswith("#")]
+    else:
+        labels = [s.strip() for s in args.labels]
+    if not labels or not all(labels):
+        raise ValueError("give at least one non-empty label")
+    return labels
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _outcome_text(o) -> str:  # o: Outcome
+    f = o.finding
+    image = "-" if f.image_probability is None else f"{f.image_probability:.4f}"
+    lines = [
+        f"instance  {o.source.instance}",
+        f"finding   {f.label}",
+        f"region p  {f.probability:.4f}   image p {image}   IoU {f.iou:.3f}   "
+        f"mask {o.mask_area} px",
+        f"SR        {o.sr_uid}  (series {o.sr_series_uid})",
+    ]
+    if o.seg_uid:
+        lines.append(f"SEG       {o.seg_uid}  (series {o.seg_series_uid})")
+    return "\n".join(lines)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Library log records can quote attribute values (pydicom's VR checks quote names): keep
+    them out unless asked for. (Library warnings are silenced around the work in `main`.)"""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    level = logging.NOTSET if verbose else logging.ERROR
+    for name in ("pydicom", "highdicom", "dicomweb_client"):
+        logging.getLogger(name).setLevel(level)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see --help)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_join_negative(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        labels = _labels(args)
+    except ValueError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+    _configure_logging(args.verbose)
+    with warnings.catch_warnings():
+        if not args.verbose:
+            warnings.simplefilter("ignore")
+        return _execute(args, labels)
+
+
+def _execute(args: argparse.Namespace, labels: list[str]) -> int:
+    """The subcommand, after parsing; returns the exit code."""
+    try:
+        from .bridge import Bridge, Request, StateFile
+        from .dicomweb import DicomWeb, InstanceRef, PacsError
+    except ImportError as exc:
+        _err(
+            "error: the PACS bridge needs the 'pacs' extra "
+            f"(pip install 'medpclip-client[pacs]'): {exc}"
+        )
+        return EXIT_ERROR
+
+    request = Request(
+        labels=tuple(labels),
+        points=tuple(args.point) if args.point else None,
+        box=args.box,
+        mask_out=args.mask_out,
+        window=args.window,
+    )
+    try:
+        pacs = DicomWeb(args.dicomweb, timeout_s=args.pacs_timeout or None)
+        with Bridge(pacs, args.triton, timeout_s=args.timeout or None) as bridge:
+            if args.command == "run":
+                ref = InstanceRef(args.study, args.series, args.instance)
+                outcome = bridge.process(ref, request)
+                print(json.dumps(outcome.to_json()) if args.json else _outcome_text(outcome))
+                return EXIT_OK
+
+            def progress(event: str, ref, detail) -> None:
+                if args.json:
+                    return
+                if event == "stored":
+                    seg = f", SEG {detail.seg_uid}" if detail.seg_uid else ""
+                    print(
+                        f"stored   {ref.instance}: {detail.finding.label!r} "
+                        f"p={detail.finding.probability:.4f} -> SR {detail.sr_uid}{seg}",
+                        flush=True,
+                    )
+                elif event == "skipped":
+                    print(f"skipped  {ref.instance}: not an image", flush=True)
+                else:
+                    print(f"{event:<8} {ref.instance}: {detail.message}", flush=True)
+
+            with StateFile(args.state) as state:
+                summary = bridge.query(
+                    request,
+                    state,
+                    modality=args.modality,
+                    study_date=args.study_date,
+                    concurrency=args.concurrency,
+                    retry_refused=args.retry_refused,
+                    progress=progress,
+                )
+            if args.json:
+                print(json.dumps(summary.to_json()))
+            else:
+                print(
+                    f"query: {summary.matched} matched, {len(summary.stored)} stored, "
+                    f"{summary.skipped_done} already done, {summary.skipped_not_image} not "
+                    f"images, {len(summary.refused)} refused, {len(summary.failed)} failed, "
+                    f"{summary.not_attempted} not attempted (at most {summary.max_in_flight} "
+                    "in flight)"
+                )
+            if summary.aborted is not None:
+                _err(f"stopped: {summary.aborted.message}")
+            return summary.exit_code
+    except PacsError as exc:
+        _err(f"error: {exc.message}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
+        _err(f"error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR

@@ -1,0 +1,369 @@
+"""The PACS bridge against real parts: Orthanc with DICOMweb, Triton serving the embedded
+default model, the `medpclip-pacs` command line in-process. The stored SR and SEG are read back
+over WADO-RS and checked against what `MedPClipClient` returns for the same request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from orthanc import (
+    JPEG_XL_LOSSLESS,
+    Orthanc,
+    conformant_ct,
+    free_port,
+    missing,
+    with_unsupported_syntax,
+    without_geometry,
+    without_pixel_data,
+)
+
+from medpclip import export
+from medpclip.evaluate import centre_point
+from medpclip.phantoms import CANONICAL, phantoms, to_dicom
+from medpclip.serve import TritonServer
+from medpclip_client import MedPClipClient, Region
+from medpclip_client.pacs import LOCAL_SCHEME, label_concept
+from medpclip_client.pacs.cli import main
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+
+PHANTOM_DATE = "20240102"  # the query's phantoms; everything else is dated otherwise
+N_PHANTOMS = 4
+
+
+@pytest.fixture(scope="module")
+def triton_url(tmp_path_factory):
+    """The embedded default model (meaningful labels), served by a real tritonserver."""
+    out = tmp_path_factory.mktemp("pacs_model")
+    assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
+    with TritonServer(out / "model_repository") as server:
+        yield server.grpc_url
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A running Orthanc holding pydicom's test files, broken copies and phantom CT slices.
+    Yields (orthanc, {name: (study, series, instance, bytes)}, phantom objects)."""
+    from pydicom.data import get_testdata_file
+
+    files: dict[str, bytes] = {
+        name: Path(get_testdata_file(f"{name}.dcm")).read_bytes()
+        for name in ("CT_small", "MR_small", "test-SR")
+    }
+    files["no_pixels"] = without_pixel_data(files["CT_small"])
+    files["jpeg_xl"] = with_unsupported_syntax(files["CT_small"])
+    slices = phantoms(seed=2024, count=N_PHANTOMS)
+    for i, p in enumerate(slices):
+        files[f"phantom{i}"] = conformant_ct(to_dicom(p, i), PHANTOM_DATE)
+    files["phantom_no_frame_of_reference"] = without_geometry(
+        to_dicom(phantoms(seed=7, count=1)[0], 99)
+    )
+
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as orthanc:
+        uids = {}
+        for name, data in files.items():
+            answer = orthanc.upload(data)
+            assert answer["Status"] == "Success", (name, answer)
+            tags = orthanc.get(f"/instances/{answer['ID']}/simplified-tags")
+            uids[name] = (
+                tags["StudyInstanceUID"],
+                tags["SeriesInstanceUID"],
+                tags["SOPInstanceUID"],
+                data,
+            )
+        yield orthanc, uids, slices
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _address(uids, name: str) -> list[str]:
+    study, series, instance, _ = uids[name]
+    return ["--study", study, "--series", series, "--instance", instance]
+
+
+def _wado(orthanc: Orthanc):
+    from dicomweb_client import DICOMwebClient
+
+    return DICOMwebClient(orthanc.dicomweb)
+
+
+def test_run_stores_sr_and_seg_matching_the_served_answer(archive, triton_url, capsys):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    orthanc, uids, slices = archive
+    study, series, instance, data = uids["phantom0"]
+    finding = slices[0].findings[0]
+    x, y = centre_point(finding)
+    before = orthanc.count_instances()
+
+    code, out, err = _run(
+        capsys,
+        "run",
+        "--dicomweb",
+        orthanc.dicomweb,
+        *_address(uids, "phantom0"),
+        "--point",
+        f"{x},{y}",
+        "--mask-out",
+        "--triton",
+        triton_url,
+        "--json",
+        "--labels",
+        *CANONICAL,
+    )
+    assert code == 0, err
+    answer = json.loads(out)
+    assert orthanc.count_instances() == before + 2  # one SR, one SEG
+
+    # the same request straight to the server: the reference
+    with MedPClipClient(triton_url) as client:
+        ref = client.infer(data, Region(points=[(x, y)]), labels=list(CANONICAL))
+    label, prob, image_prob = ref.top(1)[0]
+    assert label == finding.label == answer["label"]  # the default model names the finding
+    assert abs(answer["probability"] - prob) <= 1e-6
+
+    wado = _wado(orthanc)
+    # --- SR ---
+    sr_ds = wado.retrieve_instance(study, answer["sr"]["series"], answer["sr"]["instance"])
+    assert sr_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr_ds.StudyInstanceUID == study
+    evidence = sr_ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == study
+    referenced = evidence.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == instance
+    assert sr_ds.ConceptNameCodeSequence[0].CodeValue == "126000"  # TID 1500 report
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    concept = label_concept(label)
+    assert group.finding_type.scheme_designator == LOCAL_SCHEME
+    assert (group.finding_type.value, group.finding_type.meaning) == (concept.value, label)
+    values = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert abs(values[codes.DCM.Probability.meaning] - prob) <= 1e-6
+    assert abs(values["Whole-image probability of finding"] - image_prob) <= 1e-6
+    assert abs(values["Predicted mask IoU"] - ref.iou) <= 1e-6
+    assert group.roi.graphic_type.value == "POINT"
+    np.testing.assert_allclose(group.roi.value, [[x, y]])
+    source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == instance
+    texts = [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
+    assert label in texts  # the free-text label
+
+    # --- SEG ---
+    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    assert (study, series, instance) in seg.get_source_image_uids()
+    assert seg_ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == concept.value
+    pixels = seg.get_pixels_by_source_instance([instance], segment_numbers=[1])
+    served = ref.mask.astype(bool)
+    assert served.any()
+    np.testing.assert_array_equal(pixels[0, :, :, 0].astype(bool), served)
+
+
+def test_run_box_on_a_real_ct_stores_only_the_sr(archive, triton_url, capsys):
+    import highdicom as hd
+
+    orthanc, uids, _ = archive
+    study, _, instance, _ = uids["CT_small"]
+    before = orthanc.count_instances()
+    code, out, err = _run(
+        capsys,
+        "run",
+        "--dicomweb",
+        orthanc.dicomweb,
+        *_address(uids, "CT_small"),
+        "--box",
+        "20,30,90,100",
+        "--triton",
+        triton_url,
+        "--json",
+        "--labels",
+        "a lung nodule",
+        "a vertebra",
+    )
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["seg"] is None
+    assert orthanc.count_instances() == before + 1
+    sr = hd.sr.Comprehensive3DSR.from_dataset(
+        _wado(orthanc).retrieve_instance(study, answer["sr"]["series"], answer["sr"]["instance"])
+    )
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    assert group.roi.graphic_type.value == "POLYLINE"
+    np.testing.assert_allclose(
+        group.roi.value, [[20, 30], [90, 30], [90, 100], [20, 100], [20, 30]]
+    )
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        instance
+    )
+
+
+def test_query_processes_all_ct_phantoms_once_with_bounded_concurrency(
+    archive, triton_url, capsys, tmp_path
+):
+    orthanc, uids, _ = archive
+    phantom_uids = {uids[f"phantom{i}"][2] for i in range(N_PHANTOMS)}
+    state = tmp_path / "state.jsonl"
+    argv = [
+        "query",
+        "--dicomweb",
+        orthanc.dicomweb,
+        "--modality",
+        "CT",
+        "--study-date",
+        "20240101-20241231",
+        "--state",
+        str(state),
+        "--concurrency",
+        "2",
+        "--mask-out",
+        "--triton",
+        triton_url,
+        "--json",
+        "--labels",
+        *CANONICAL,
+    ]
+    before = orthanc.count_instances()
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    first = json.loads(out)
+    assert {r["instance"] for r in first["results"]} == phantom_uids
+    assert first["matched"] == N_PHANTOMS and first["stored"] == N_PHANTOMS
+    assert 1 <= first["max_in_flight"] <= 2
+    assert orthanc.count_instances() == before + 2 * N_PHANTOMS
+    lines = [json.loads(line) for line in state.read_text().splitlines()]
+    assert {e["sop_instance_uid"] for e in lines} == phantom_uids
+    assert all(e["status"] == "stored" and e["sr"] and e["seg"] for e in lines)
+
+    # resumed: everything is in the state file, nothing is fetched or stored again
+    code, out, err = _run(capsys, *[a for a in argv if a != "--json"])
+    assert code == 0, err
+    assert f"{N_PHANTOMS} matched, 0 stored, {N_PHANTOMS} already done" in out
+    assert orthanc.count_instances() == before + 2 * N_PHANTOMS
+
+    # the archive unreachable: the search fails, nothing runs
+    closed = f"http://127.0.0.1:{free_port()}/dicom-web"
+    code, out, err = _run(capsys, *[closed if a == orthanc.dicomweb else a for a in argv])
+    assert code == 4 and "cannot connect" in err
+
+    # a different request must not reuse the state file (its skips would be wrong)
+    code, _, err = _run(capsys, *[a if a != "--mask-out" else "-v" for a in argv])
+    assert code == 2 and "different request" in err
+
+
+def _error_cases():
+    # (id, argv builder(orthanc, uids, triton_url), exit code, message part)
+    def run(name, *extra, dicomweb=None, triton=None, labels=("a nodule", "a cyst")):
+        def build(orthanc, uids, triton_url):
+            return [
+                "run",
+                "--dicomweb",
+                dicomweb or orthanc.dicomweb,
+                *_address(uids, name),
+                *(extra or ("--point", "40,40")),
+                "--triton",
+                triton or triton_url,
+                "--labels",
+                *labels,
+            ]
+
+        return build
+
+    closed = f"http://127.0.0.1:{free_port()}/dicom-web"
+    yield "orthanc-unreachable", run("phantom1", dicomweb=closed), 4, "cannot connect"
+    yield (
+        "triton-unreachable",
+        run("phantom1", triton=f"127.0.0.1:{free_port()}"),
+        4,
+        ("inference server"),
+    )
+
+    def unknown(orthanc, uids, triton_url):
+        argv = run("phantom1")(orthanc, uids, triton_url)
+        argv[argv.index("--instance") + 1] = "1.2.3.4.5.6.7.8.9"
+        return argv
+
+    yield "unknown-uid", unknown, 5, "not in the archive"
+    yield "sr-instance", run("test-SR"), 3, "not an image"
+    yield "no-pixel-data", run("no_pixels"), 3, "no pixel data"
+    yield "unsupported-syntax", run("jpeg_xl"), 3, f"{JPEG_XL_LOSSLESS} (JPEG XL"
+    yield (
+        "no-seg-possible",
+        run("phantom_no_frame_of_reference", "--point", "40,40", "--mask-out"),
+        (3),
+        "Frame Of Reference",
+    )
+    yield (
+        "server-invalid-argument",
+        run("phantom1", "--point", "5000,5000"),
+        3,
+        ("refused the request"),
+    )
+
+
+CASES = list(_error_cases())
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_errors_exit_with_their_code_and_store_nothing(
+    archive, triton_url, capsys, build, code, message
+):
+    orthanc, uids, _ = archive
+    before = orthanc.count_instances()
+    got, out, err = _run(capsys, *build(orthanc, uids, triton_url))
+    assert got == code, err
+    assert message in err, err
+    assert out == ""
+    assert "PHANTOM" not in err and "CompressedSamples" not in err  # no patient names/IDs
+    assert orthanc.count_instances() == before  # nothing half-written
+
+
+def test_module_entry_point_and_usage_errors(capsys):
+    r = subprocess.run(
+        [sys.executable, "-m", "medpclip_client.pacs", "--help"], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "query" in r.stdout and "exit codes" in r.stdout
+    assert main(["run", "--dicomweb", "http://x", "--study", "1.2", "--labels", "a"]) == 2
+    assert main(["query", "--dicomweb", "http://x", "--state", "s", "--study-date", "2024"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--dicomweb",
+                "http://x",
+                *("--study", "1.2", "--series", "1.2.3", "--instance", "1.2.3.x"),
+                *("--point", "1,2", "--labels", "a"),
+            ]
+        )
+        == 2
+    )
+    capsys.readouterr()
+
+
+def test_state_file_survives_a_torn_line_and_admits_one_run(tmp_path):
+    from medpclip_client.pacs import InstanceRef, PacsError, StateFile
+
+    path = tmp_path / "state.jsonl"
+    path.write_text('{"sop_instance_uid": "1.2.3", "status": "stored"}\n{"sop_instance_u')
+    with StateFile(path) as state:
+        assert state.is_done("1.2.3") and not state.is_done("1.2.4")
+        with pytest.raises(PacsError, match="in use by another run"), StateFile(path):
+            pass
+        state.request = "k"
+        state.record_refused(InstanceRef("1", "1.1", "1.2.4"), PacsError("no pixels"))
+    with StateFile(path) as state:
+        assert state.is_done("1.2.4") and not state.is_done("1.2.4", retry_refused=True)
+        assert state.requests == {"k"}
+    assert json.loads(path.read_text().splitlines()[-1])["status"] == "refused"
