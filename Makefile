@@ -1,7 +1,7 @@
 # The two commands in the README: `make demo` and `make test`. Both set up a fresh machine first.
 VENV := .venv/bin
 
-.PHONY: setup demo test lint export serve clean
+.PHONY: setup demo test lint export serve bench perf clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,3 +24,9 @@ serve: export
 
 clean:
 	rm -rf build
+
+bench: setup
+	$(VENV)/python perf/benchmark.py
+
+perf: setup
+	$(VENV)/python perf/perf_analyzer.py sweep

@@ -17,10 +17,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def default_url(tmp_path_factory):
+def default_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("default")
     assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
-    with TritonServer(out / "model_repository") as server:
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_url(default_build):
+    with TritonServer(default_build / "model_repository") as server:
         yield server.grpc_url
 
 
@@ -52,3 +57,33 @@ def test_pointing_at_each_finding_gives_its_own_label(default_url):
         ]
     assert answers == [f.label for f in p.findings]
     assert len(set(answers)) == len(answers)
+
+
+def test_int8_flavour_agrees_with_fp32(default_build, tmp_path):
+    """The CPU INT8 flavour: >= 98 % of zero-shot answers unchanged, embeddings cosine >= 0.99,
+    and its repository serves the quantised encoders."""
+    from medpclip.int8 import agreement
+    from medpclip.model import load_checkpoint
+
+    out = tmp_path / "int8"
+    import shutil
+
+    shutil.copytree(default_build / "onnx", out / "onnx")
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(export.DEFAULT_CHECKPOINT),
+                "--out",
+                str(out),
+                "--skip-parity",
+                "--int8",
+            ]
+        )
+        == 0
+    )
+    model = load_checkpoint(export.DEFAULT_CHECKPOINT)
+    a = agreement(model, out / "onnx", export.DEFAULT_CHECKPOINT / "tokenizer.json", images=12)
+    assert a["agreement"] >= 0.98 and a["region_cosine_min"] >= 0.99, a
+    served = out / "model_repository" / "image_encoder" / "1" / "model.onnx"
+    assert served.read_bytes() == (out / "onnx" / "image_encoder.int8.onnx").read_bytes()

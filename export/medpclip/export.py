@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="TensorRT engine precision (fp16 keeps LayerNorm, softmax and reductions in fp32)",
     )
     p.add_argument(
+        "--int8",
+        action="store_true",
+        help="onnxruntime flavour: serve ONNX Runtime int8 (dynamic) quantised image and text "
+        "encoders and mask decoder; checked against fp32 (embedding cosine >= 0.99)",
+    )
+    p.add_argument(
         "--engines",
         type=Path,
         default=None,
@@ -142,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ONNX Runtime differs from PyTorch beyond the limit", file=sys.stderr)
         return 1
 
+    if args.int8:
+        print("[3a] int8 quantisation (ONNX Runtime, dynamic)")
+        from .int8 import check_int8
+
+        for name in onnx_export.INT8_MODELS:
+            onnx_export.quantize_int8(onnx_dir / f"{name}.onnx")
+        worst = check_int8(model, onnx_dir, checkpoint / "tokenizer.json")
+        if worst < 0.99:
+            print(
+                f"error: int8 embeddings drift from fp32 (cosine {worst:.4f} < 0.99)",
+                file=sys.stderr,
+            )
+            return 1
     engines = args.engines or args.out / "engines"
     if args.flavour == "tensorrt":
         print(f"[3b] TensorRT engines ({args.precision}) in {engines}")
@@ -176,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             ort_threads=args.ort_threads,
             engines_dir=engines,
             precision=args.precision,
+            int8=args.int8,
         )
     except trt_engine.EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -161,3 +161,31 @@ def parity(
         t.name: float(np.abs(g - expected[t.name]).max())
         for t, g in zip(ex.spec.outputs, got, strict=True)
     }
+
+
+# The CPU INT8 flavour: ONNX Runtime dynamic quantisation (int8 weights, activations quantised
+# per call) of the encoders whose cost is in MatMul/Gemm. The prompt encoder is too small to
+# gain and stays fp32.
+INT8_MODELS = ("image_encoder", "text_encoder", "mask_decoder")
+
+
+def quantize_int8(fp32: Path, log=print) -> Path:
+    """`<name>.onnx` -> `<name>.int8.onnx` (cached on the fp32 file's hash)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = fp32.with_suffix(".int8.onnx")
+    meta = out.with_suffix(".json")
+    key = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+        log(f"  {fp32.stem}: int8 up to date, reusing")
+        return out
+    start = time.perf_counter()
+    quantize_dynamic(
+        str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+    )
+    meta.write_text(json.dumps({"key": key, "from": fp32.name}) + "\n")
+    log(
+        f"  {fp32.stem}: int8 in {time.perf_counter() - start:.1f} s, "
+        f"{out.stat().st_size / 1e6:.1f} MB"
+    )
+    return out

@@ -21,6 +21,7 @@ from medpclip_client import tensors as T
 from . import tensorrt_engine as trt_engine
 from .config import ModelConfig
 from .model import TOKENIZER
+from .onnx_export import INT8_MODELS
 
 SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
 # onnxruntime: each encoder is a python-backend model running ONNX Runtime (CPU; the bundled
@@ -145,10 +146,12 @@ def generate(
     ort_threads: int = 0,
     engines_dir: Path | None = None,
     precision: str = "fp16",
+    int8: bool = False,
     log=print,
 ) -> Path:
     """Write the complete repository to `out` and return it. The tensorrt flavour takes its
-    plans from `engines_dir` and refuses any that do not match (EngineError)."""
+    plans from `engines_dir` and refuses any that do not match (EngineError); `int8` serves the
+    onnxruntime flavour's quantised encoders (`<name>.int8.onnx`, see onnx_export)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; available: {', '.join(FLAVOURS)}")
     cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
@@ -174,6 +177,8 @@ def generate(
             files = {p.name: p for p in plans.values()}
         else:
             write_config(model_config(spec, dims, {"intra_op_threads": ort_threads}), d)
+            if int8 and spec.name in INT8_MODELS:
+                onnx = onnx.with_suffix(".int8.onnx")
             files = {"model.py": SOURCES / "onnx_runner" / "model.py", "model.onnx": onnx}
         for name, src in files.items():
             _copy(src, d / "1" / name)
@@ -195,7 +200,8 @@ def generate(
         (d / "1").mkdir(exist_ok=True)  # an ensemble still needs a version folder
     (out / "medpclip.json").write_text(
         json.dumps(
-            {"config": cfg.to_dict(), "flavour": flavour, "logit_scale": logit_scale}, indent=2
+            {"config": cfg.to_dict(), "flavour": flavour, "int8": int8, "logit_scale": logit_scale},
+            indent=2,
         )
     )
     log(f"  repository: {out} ({len(T.ALL_MODELS)} models, flavour {flavour})")
