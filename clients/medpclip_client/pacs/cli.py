@@ -14,13 +14,14 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import re
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli import _floats, _join_negative
+from ..cli import _timeout as _seconds
 from ..client import DEFAULT_URL
 
 PROG = "medpclip-pacs"
@@ -77,17 +78,6 @@ _DATE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
 
 
 # --- argument types ---------------------------------------------------------------------------
-
-
-def _floats(text: str, n: int, syntax: str) -> list[float]:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) != n or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected {syntax}, got {text!r}")
-    return values
 
 
 def parse_point(text: str) -> tuple[float, float]:
@@ -152,19 +142,6 @@ def _bounded_int(low: int, high: int):
         return value
 
     return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {text!r}")
-    return value
-
-
-# --- parser -----------------------------------------------------------------------------------
 
 
 def _common(p: argparse.ArgumentParser, region_required: bool) -> None:
@@ -257,25 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(query, region_required=False)
     return p
-
-
-_VALUE_OPTIONS = ("--point", "--box", "--window")
-_NEGATIVE = re.compile(r"^-[\d.]")
-
-
-def _join_negative(argv: Sequence[str]) -> list[str]:
-    """`--window -600,1500` -> `--window=-600,1500` (argparse would read an option)."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in _VALUE_OPTIONS and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
-            out.append(f"{a}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(a)
-        i += 1
-    return out
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
