@@ -51,8 +51,9 @@ def measure(
 ) -> dict:
     """`concurrency` workers (each with its own call, e.g. its own gRPC client) call in a loop."""
     calls = [make_call() for _ in range(concurrency)]
-    for c in calls:
-        c()  # warm up each worker
+    for c in calls:  # warm up each worker (lazy session init, first batches, caches)
+        for _ in range(3):
+            c()
     latencies: list[float] = []
     lock = threading.Lock()
     peak = [rss() if rss else 0]
