@@ -75,3 +75,24 @@ def test_unknown_flavour_is_refused(build_dir, checkpoint):
             ["--checkpoint", str(checkpoint), "--out", str(build_dir), "--flavour", "openvino"]
         )
     assert exc.value.code == 2
+
+
+def test_tuning_options_reach_the_encoder_configs(build_dir, checkpoint, tmp_path):
+    from medpclip import repository
+
+    out = repository.generate(
+        tmp_path / "repo",
+        build_dir / "onnx",
+        checkpoint,
+        ort_threads=1,
+        instances=2,
+        queue_delay_us=500,
+        log=lambda *_: None,
+    )
+    for spec in T.ENCODERS:
+        cfg = text_format.Parse((out / spec.name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert cfg.instance_group[0].count == 2
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        assert cfg.parameters["intra_op_threads"].string_value == "1"
+    pre = text_format.Parse((out / "preprocess" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert pre.instance_group[0].count == 1  # python steps keep one instance

@@ -87,6 +87,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="ONNX Runtime intra-op threads per encoder instance (0 = all cores)",
     )
+    p.add_argument(
+        "--instances", type=int, default=1, help="onnxruntime flavour: instances per encoder"
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic batching: how long a request may wait for others to batch with",
+    )
     p.add_argument("--skip-parity", action="store_true", help="skip the ORT vs PyTorch check")
     return p.parse_args(argv)
 
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint,
             flavour=args.flavour,
             ort_threads=args.ort_threads,
+            instances=args.instances,
+            queue_delay_us=args.queue_delay_us,
             engines_dir=engines,
             precision=args.precision,
             int8=args.int8,

@@ -42,7 +42,11 @@ def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
 
 
 def model_config(
-    spec: T.ModelSpec, dims: T.Dims, parameters: dict[str, str] | None = None, instances: int = 1
+    spec: T.ModelSpec,
+    dims: T.Dims,
+    parameters: dict[str, str] | None = None,
+    instances: int = 1,
+    queue_delay_us: int = 2000,
 ) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
     cfg.input.extend(_tensor(t, dims, mc.ModelInput) for t in spec.inputs)
@@ -59,16 +63,16 @@ def model_config(
         return cfg
     cfg.backend = "python"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    _batching(cfg, spec)
+    _batching(cfg, spec, queue_delay_us)
     for k, v in {**spec.parameters, **(parameters or {})}.items():
         cfg.parameters[k].string_value = str(v)
     return cfg
 
 
-def _batching(cfg: mc.ModelConfig, spec: T.ModelSpec) -> None:
+def _batching(cfg: mc.ModelConfig, spec: T.ModelSpec, queue_delay_us: int = 2000) -> None:
     if spec.max_batch_size > 0:
         # Batch what arrives together; a short delay lets concurrent requests meet.
-        cfg.dynamic_batching.max_queue_delay_microseconds = 2000
+        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
 
 
 def tensorrt_config(spec: T.ModelSpec, dims: T.Dims, engines: dict[str, str]) -> mc.ModelConfig:
@@ -144,6 +148,8 @@ def generate(
     checkpoint: Path,
     flavour: str = "onnxruntime",
     ort_threads: int = 0,
+    instances: int = 1,
+    queue_delay_us: int = 2000,
     engines_dir: Path | None = None,
     precision: str = "fp16",
     int8: bool = False,
@@ -176,7 +182,8 @@ def generate(
             write_config(tensorrt_config(spec, dims, {cc: p.name for cc, p in plans.items()}), d)
             files = {p.name: p for p in plans.values()}
         else:
-            write_config(model_config(spec, dims, {"intra_op_threads": ort_threads}), d)
+            ort = {"intra_op_threads": ort_threads}
+            write_config(model_config(spec, dims, ort, instances, queue_delay_us), d)
             if int8 and spec.name in INT8_MODELS:
                 onnx = onnx.with_suffix(".int8.onnx")
             files = {"model.py": SOURCES / "onnx_runner" / "model.py", "model.onnx": onnx}
