@@ -10,7 +10,7 @@ import numpy as np
 from medpclip_client import imaging
 
 from .model import MedPClip
-from .onnx_export import INT8_MODELS, ort_session
+from .onnx_export import INT8_MODELS, cosine_rows, ort_session
 from .real_inputs import real_inputs, text_batch
 
 
@@ -28,17 +28,10 @@ def check_int8(model: MedPClip, onnx_dir: Path, tokenizer_json: Path, log=print)
     for name in INT8_MODELS:
         fp32 = ort_session(onnx_dir / f"{name}.onnx").run(None, inputs[name])
         int8 = ort_session(onnx_dir / f"{name}.int8.onnx").run(None, inputs[name])
-        cos = min(_cosine(a, b) for a, b in zip(fp32, int8, strict=True))
+        cos = min(cosine_rows(a, b) for a, b in zip(fp32, int8, strict=True))
         log(f"  {name:15s} int8 vs fp32: cosine min {cos:.5f}")
         worst = min(worst, cos)
     return worst
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.min(num / np.maximum(den, 1e-12)))
 
 
 def agreement(
@@ -86,5 +79,5 @@ def agreement(
                     embs.append(r)
                 same += answers[0] == answers[1]
                 total += 1
-                worst = min(worst, _cosine(*embs))
+                worst = min(worst, cosine_rows(*embs))
     return {"agreement": same / total, "predictions": total, "region_cosine_min": worst}

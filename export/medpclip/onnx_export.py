@@ -189,3 +189,12 @@ def quantize_int8(fp32: Path, log=print) -> Path:
         f"{out.stat().st_size / 1e6:.1f} MB"
     )
     return out
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest cosine similarity between matching rows (batch items) of a and b."""
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)))

@@ -18,19 +18,11 @@ import numpy as np
 from medpclip_client import tensors as T
 
 from .model import load_checkpoint
+from .onnx_export import cosine_rows
 from .real_inputs import real_inputs
 from .tensorrt_engine import EngineError, engine_name, gpu_identity
 
 COSINE_MIN = 0.999
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest cosine similarity between matching rows (batch items) of a and b."""
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)))
 
 
 def compare_engines(out: Path, checkpoint: Path) -> bool:
