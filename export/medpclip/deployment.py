@@ -27,6 +27,24 @@ SERVER_FLAGS = (
     "--cache-config=local,size=268435456",  # 256 MiB response cache (repeated label sets)
 )
 MODELS = tuple(m.name for m in T.ENSEMBLES)
+
+# The front (`medpclip.gateway`, started by `python -m medpclip.serve`) owns the public ports:
+# gRPC (inference, health, metadata; admin methods only with the admin key) and an HTTP port
+# that answers the health paths only. Triton itself listens on 127.0.0.1 behind it, so no client
+# cancellation or deadline ever reaches Triton (2.51 crashes on them, server#7368/#8034) and
+# keys never appear on a command line.
+AUTH_HEADER = "authorization"  # "Bearer <key>": the API key (inference) or the admin key (all)
+TLS_DIR = "/etc/medpclip/tls"  # tls.crt, tls.key and optionally ca.crt (client certificates)
+KEYS_DIR = "/etc/medpclip/keys"  # api-key, admin-key (one key per file, a trailing newline is ok)
+# Stop sequence on SIGTERM: readiness false at once while requests are still served (load
+# balancers and Kubernetes endpoints need a few seconds to stop sending), then no new requests,
+# in-flight ones get STOP_TIMEOUT_S to finish, then Triton (idle) unloads and exits.
+DRAIN_S = 5
+STOP_TIMEOUT_S = 20
+TRITON_EXIT_S = 10
+# Kubernetes' terminationGracePeriodSeconds and compose's stop_grace_period: the whole sequence
+# plus margin, so nothing is ever SIGKILLed.
+GRACE_PERIOD_S = DRAIN_S + STOP_TIMEOUT_S + TRITON_EXIT_S + 10
 # The custom metric the HorizontalPodAutoscaler scales on (from prometheus-adapter's rule).
 QUEUE_METRIC = "medpclip_queue_us_per_request"
 ENV_FILE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "server.env"
