@@ -1,626 +1,257 @@
-"""Run a real Triton Inference Server from the ``nvidia-pytriton`` wheel, without Docker.
+"""``python -m medpclip.serve``: Triton behind the gateway, the way every deployment runs it.
 
-The PyPI wheel ``nvidia-pytriton`` bundles a complete ``tritonserver`` (Triton 2.51, r24.10) with
-the python backend, but laid out for PyTriton's own launcher rather than Triton's container layout.
-This module bridges the gap so that a plain model repository can be served on a developer machine
-or in tests:
-
-* :func:`backend_directory` assembles a ``--backend-directory`` holding the python backend and the
-  stub built for the running interpreter (the stub must sit next to ``libtriton_python.so``).
-* :func:`server_environment` gives the environment the server and its stubs need.
-* :class:`TritonServer` starts the server on free loopback ports, waits until it is ready, and on
-  stop removes the python backend's shared-memory regions that *this* server leaked.
-
-Command line::
-
-    python -m medpclip.serve --repository build/model_repository
+The launcher starts ``tritonserver`` on loopback (:mod:`medpclip.triton_process`) and the
+gateway on the public ports (:mod:`medpclip.gateway`), watches both (:mod:`medpclip.supervisor`)
+and stops them in order. :class:`ServeProcess` runs the launcher as a child process, for the
+demo, the tests and scripts that need a server the way users get one.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import importlib.util
+import asyncio
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .deployment import SERVER_FLAGS
-
-__all__ = [
-    "DEFAULT_CACHE",
-    "DEFAULT_REPOSITORY",
-    "TritonServer",
-    "backend_directory",
-    "main",
-    "server_environment",
-]
-
-LOG = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# Generated files go under build/ so they never mix with tracked sources.
-DEFAULT_CACHE = REPO_ROOT / "build" / "triton"
-DEFAULT_REPOSITORY = REPO_ROOT / "build" / "model_repository"
-
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "triton_python_backend_shm_region_"
-STUB_NAME = "triton_python_backend_stub"
-# The files the python backend needs in <backend-directory>/python/.
-_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_LOG_TAIL_LINES = 40
-
-
-# --------------------------------------------------------------------------------------------
-# Locating the pieces inside the nvidia-pytriton wheel
-# --------------------------------------------------------------------------------------------
-
-
-def _pytriton_dir() -> Path:
-    """Return the installed ``pytriton`` package directory without importing it.
-
-    ``find_spec`` is used instead of ``import pytriton`` because importing the package pulls in
-    its whole runtime (and its logging setup), none of which is needed to launch the binary.
-    """
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "nvidia-pytriton is not installed in this Python environment "
-            f"({sys.executable}); install it with: pip install nvidia-pytriton==0.7.0"
-        )
-    return Path(next(iter(spec.submodule_search_locations))).resolve()
-
-
-def _tritonserver_dir() -> Path:
-    return _pytriton_dir() / "tritonserver"
-
-
-def _tritonserver_executable() -> Path:
-    exe = _tritonserver_dir() / "bin" / "tritonserver"
-    if not exe.is_file():
-        raise FileNotFoundError(
-            f"tritonserver binary not found at {exe}; is nvidia-pytriton intact?"
-        )
-    return exe
-
-
-def _wheel_libs_dir() -> Path:
-    """``site-packages/nvidia_pytriton.libs``: the shared libraries auditwheel vendored."""
-    return _pytriton_dir().parent / "nvidia_pytriton.libs"
-
-
-def _copy_if_changed(src: Path, dst: Path, mode: int | None = None) -> None:
-    """Copy ``src`` to ``dst`` unless an identical-looking copy is already there.
-
-    Size and mtime are compared (``copy2`` preserves mtime), which is enough to notice a wheel
-    upgrade. The copy goes to a temporary name first and is renamed into place, so parallel test
-    workers building the same cache never see a half-written stub or library.
-    """
-    st = src.stat()
-    try:
-        dt = dst.stat()
-        if dt.st_size == st.st_size and dt.st_mtime_ns == st.st_mtime_ns:
-            if mode is not None and (dt.st_mode & 0o777) != mode:
-                os.chmod(dst, mode)
-            return
-    except FileNotFoundError:
-        pass
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        shutil.copy2(src, tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def backend_directory(cache: Path | None = None) -> Path:
-    """Create (idempotently) and return a Triton ``--backend-directory`` for the python backend.
-
-    Layout: ``<cache>/backends/python/{triton_python_backend_stub, libtriton_python.so,
-    triton_python_backend_utils.py}``. The wheel keeps one stub per Python version under
-    ``python_backend_stubs/X.Y/``; Triton only looks for the stub beside the backend library, so
-    the one matching the running interpreter is copied there. Returns ``<cache>/backends``.
-
-    The server additionally needs the environment from :func:`server_environment`.
-    """
-    cache = Path(cache) if cache is not None else DEFAULT_CACHE
-    server_dir = _tritonserver_dir()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stubs = server_dir / "python_backend_stubs"
-    stub = stubs / version / STUB_NAME
-    if not stub.is_file():
-        available = sorted(p.parent.name for p in stubs.glob(f"*/{STUB_NAME}"))
-        raise FileNotFoundError(
-            f"nvidia-pytriton has no python backend stub for Python {version} (looked for {stub}); "
-            f"stubs exist for: {', '.join(available) or 'none'}. "
-            "Use one of those Python versions for the serving environment."
-        )
-    backends = cache / "backends"
-    python_dir = backends / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    # 0o755: the server executes the stub; keep it executable even if the source mode is odd.
-    _copy_if_changed(stub, python_dir / STUB_NAME, mode=0o755)
-    for name in _BACKEND_FILES:
-        src = server_dir / "backends" / "python" / name
-        if not src.is_file():
-            raise FileNotFoundError(f"python backend file missing from nvidia-pytriton: {src}")
-        _copy_if_changed(src, python_dir / name)
-    return backends
-
-
-def _prepend_path(value: str | None, first: str) -> str:
-    parts = [p for p in (value or "").split(os.pathsep) if p and p != first]
-    return os.pathsep.join([first, *parts])
-
-
-def server_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return the environment for ``tritonserver`` (a copy of ``base``, default ``os.environ``).
-
-    * ``LD_LIBRARY_PATH`` gains ``site-packages/nvidia_pytriton.libs``: the binary and backend
-      link the vendored libraries there (libb64, libcurl, ...), which are not on the system path.
-    * ``PATH`` starts with this interpreter's ``bin``: the python backend stub locates the
-      packages it imports (numpy, the model's dependencies) through the ``python`` on ``PATH``,
-      so models run against this venv rather than the system Python.
-    """
-    env = dict(os.environ if base is None else base)
-    env["LD_LIBRARY_PATH"] = _prepend_path(env.get("LD_LIBRARY_PATH"), str(_wheel_libs_dir()))
-    env["PATH"] = _prepend_path(env.get("PATH"), str(Path(sys.executable).parent))
-    return env
-
-
-# --------------------------------------------------------------------------------------------
-# Shared memory and process bookkeeping
-# --------------------------------------------------------------------------------------------
-
-
-def _shm_regions() -> set[str]:
-    try:
-        return {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")}
-    except OSError:
-        return set()
-
-
-def _session_of(pid: int) -> int | None:
-    """Return the session id of ``pid`` from ``/proc/<pid>/stat``, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces: split after it.
-    fields = stat.rpartition(")")[2].split()
-    try:
-        return int(fields[3])  # state, ppid, pgrp, session
-    except (IndexError, ValueError):
-        return None
-
-
-def _stubs_in_session(sid: int) -> dict[int, str]:
-    """Map pid -> shm region name for every python backend stub in session ``sid``.
-
-    The server runs as a session leader (``start_new_session``) and its stubs inherit the session,
-    so this finds exactly our stubs and never another server's. Each stub receives the name of
-    its shared-memory region as its second argument.
-    """
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) < 3 or not argv[0].endswith(STUB_NAME.encode()):
-            continue
-        pid = int(entry.name)
-        region = argv[2].decode(errors="replace")
-        if region.startswith(SHM_PREFIX) and _session_of(pid) == sid:
-            found[pid] = region
-    return found
-
-
-def _mapped_regions(pid: int) -> set[str]:
-    """Shm regions mapped by ``pid`` (the server maps each stub's region too)."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return set()
-    marker = f"{SHM_DIR}/{SHM_PREFIX}"
-    return {line.rsplit("/", 1)[1].split()[0] for line in maps.splitlines() if marker in line}
-
-
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    """Ask the OS for ``count`` distinct free TCP ports on ``host``.
-
-    All sockets stay open until every port is chosen so the same port is not handed out twice;
-    another process could still take one before Triton binds it, in which case startup fails
-    (``--exit-on-error``) with a clear message rather than hanging.
-    """
-    family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("r", errors="replace") as f:
-            return "".join(collections.deque(f, maxlen=lines))
-    except OSError as exc:
-        return f"(log {path} unreadable: {exc})"
-
-
-# --------------------------------------------------------------------------------------------
-# The server
-# --------------------------------------------------------------------------------------------
-
-
-class TritonServer:
-    """A ``tritonserver`` child process serving ``repository``; use as a context manager.
-
-    Example::
-
-        with TritonServer(Path("build/model_repository")) as server:
-            client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
-
-    Ports left as None are chosen free on ``host``, so parallel test runs do not collide. The
-    server's output goes to ``log_file`` (default ``<cache>/logs/tritonserver-<http_port>.log``);
-    its last lines are included in startup errors.
-    """
-
-    def __init__(
-        self,
-        repository: Path,
-        host: str = "127.0.0.1",
-        grpc_port: int | None = None,
-        http_port: int | None = None,
-        metrics_port: int | None = None,
-        log_file: Path | None = None,
-        startup_timeout: float = 120,
-        extra_args: Sequence[str] = (),
-        *,
-        cache: Path | None = None,
-    ) -> None:
-        self.repository = Path(repository).resolve()
-        self.host = host
-        self.startup_timeout = float(startup_timeout)
-        self.extra_args = list(extra_args)
-        self.cache = Path(cache) if cache is not None else DEFAULT_CACHE
-        missing = [p for p in (grpc_port, http_port, metrics_port) if p is None]
-        free = iter(_free_ports(host, len(missing)) if missing else [])
-        self.grpc_port: int = grpc_port if grpc_port is not None else next(free)
-        self.http_port: int = http_port if http_port is not None else next(free)
-        self.metrics_port: int = metrics_port if metrics_port is not None else next(free)
-        self.log_file = (
-            Path(log_file)
-            if log_file is not None
-            else self.cache / "logs" / f"tritonserver-{self.http_port}.log"
-        )
-        self._process: subprocess.Popen[bytes] | None = None
-        self._shm_before: set[str] = set()
-        self._our_regions: set[str] = set()
-        self._stub_pids: set[int] = set()
-        self._interrupted = threading.Event()
-
-    # -- addresses -----------------------------------------------------------------------------
-
-    @property
-    def grpc_url(self) -> str:
-        """``host:port`` as ``tritonclient.grpc.InferenceServerClient(url=...)`` expects it."""
-        return f"{_format_host(self.host)}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        """``http://host:port`` (``tritonclient.http`` wants it without the scheme)."""
-        return f"http://{_format_host(self.host)}:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        """Prometheus endpoint, ``http://host:port/metrics``."""
-        return f"http://{_format_host(self.host)}:{self.metrics_port}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id (None before start and after stop)."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def interrupt(self) -> None:
-        """Make a :meth:`start` in progress give up soon (safe to call from a signal handler)."""
-        self._interrupted.set()
-
-    def command(self) -> list[str]:
-        """The ``tritonserver`` command line :meth:`start` runs (builds the backend dir)."""
-        return [
-            str(_tritonserver_executable()),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={backend_directory(self.cache)}",
-            # the wheel keeps the response-cache library outside the container's default path
-            f"--cache-directory={_tritonserver_dir() / 'caches'}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
-            # the flags every deployment shares (compose and Kubernetes too)
-            *SERVER_FLAGS,
-            "--log-verbose=0",
-            *self.extra_args,
-        ]
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> TritonServer:
-        """Launch the server and block until ``/v2/health/ready`` answers 200.
-
-        Raises RuntimeError (with the log's last lines) if the server exits, is not ready
-        within ``startup_timeout`` seconds, or :meth:`interrupt` is called; the process is stopped
-        before raising.
-        """
-        if self._process is not None:
-            raise RuntimeError("TritonServer already started")
-        if not self.repository.is_dir():
-            raise FileNotFoundError(f"model repository not found: {self.repository}")
-        cmd = self.command()
-        env = server_environment()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        # Snapshot before launching: anything absent now and owned by our process tree is ours.
-        self._shm_before = _shm_regions()
-        self._our_regions = set()
-        self._stub_pids = set()
-        self._interrupted.clear()
-        LOG.info("starting tritonserver for %s (log: %s)", self.repository, self.log_file)
-        LOG.debug("command: %s", " ".join(cmd))
-        with self.log_file.open("wb") as log:
-            # The child keeps its own copy of the descriptor; ours can close right away.
-            self._process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                # Own session: a terminal's Ctrl-C reaches this process first, which then shuts
-                # Triton down in order. The session id also identifies our stubs (see stop()).
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        LOG.info("tritonserver ready (pid %d)", self._process.pid)
-        return self
-
-    def _track_owned(self) -> None:
-        """Remember our stubs and shm regions while the processes exist to be asked."""
-        if self._process is None:
-            return
-        stubs = _stubs_in_session(self._process.pid)
-        self._stub_pids.update(stubs)
-        self._our_regions.update(stubs.values())
-        self._our_regions.update(_mapped_regions(self._process.pid))
-
-    def _wait_ready(self) -> None:
-        if self._process is None:
-            raise RuntimeError("tritonserver not started")
-        url = f"{self.http_url}/v2/health/ready"
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            self._track_owned()
-            code = self._process.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {code} during startup; "
-                    f"last lines of {self.log_file}:\n{_tail(self.log_file)}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        self._track_owned()
-                        return
-            except OSError:
-                # URLError/HTTPError are OSErrors: refused while not listening yet, HTTP 400
-                # while models are still loading (strict readiness), or a slow answer.
-                pass
-            if self._interrupted.is_set():
-                raise RuntimeError("tritonserver startup interrupted")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"tritonserver not ready after {self.startup_timeout:g} s at {url}; "
-                    f"last lines of {self.log_file}:\n{_tail(self.log_file)}"
-                )
-            self._interrupted.wait(0.2)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """Shut the server down and clean up after it; safe to call twice.
-
-        SIGTERM lets Triton unload models and stop its stubs; after ``timeout`` seconds the whole
-        process group gets SIGKILL. Then every ``/dev/shm/triton_python_backend_shm_region_*``
-        that was not there before :meth:`start` and that belonged to this server's stubs is
-        removed: a killed server leaks them, but another server's regions are never touched.
-        Returns the server's exit code (None if it was never started).
-        """
-        proc = self._process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            self._track_owned()
-            LOG.info("stopping tritonserver (pid %d)", proc.pid)
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                LOG.warning("tritonserver did not stop in %g s; killing it", timeout)
-                try:
-                    # The group is ours: the leader is not reaped yet, so its id cannot be reused.
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        self._reap_stubs(proc.pid)
-        self._remove_leaked_regions()
-        self._process = None
-        LOG.info("tritonserver exited with code %s", proc.returncode)
-        return proc.returncode
-
-    def _reap_stubs(self, sid: int, grace: float = 5.0) -> None:
-        """Kill stubs that outlive the server (each stub polls for its parent, but slowly)."""
-        deadline = time.monotonic() + grace
-        while True:
-            alive = [pid for pid in self._stub_pids if _session_of(pid) == sid]
-            if not alive:
-                return
-            if time.monotonic() > deadline:
-                for pid in alive:
-                    LOG.warning("killing leftover python backend stub %d", pid)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                return
-            time.sleep(0.1)
-
-    def _remove_leaked_regions(self) -> None:
-        leaked = (_shm_regions() & self._our_regions) - self._shm_before
-        for name in sorted(leaked):
-            LOG.info("removing leaked shared memory %s", SHM_DIR / name)
-            try:
-                (SHM_DIR / name).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                LOG.warning("could not remove %s: %s", SHM_DIR / name, exc)
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return (
-            f"TritonServer(repository={str(self.repository)!r}, grpc={self.grpc_url!r}, "
-            f"http={self.http_url!r}, running={self.running})"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+from . import deployment as D
+from .gateway import Keys, TlsFiles, read_key
+from .supervisor import Options, Supervisor
+from .triton_process import (
+    DEFAULT_CACHE,
+    DEFAULT_REPOSITORY,
+    TritonServer,
+    _format_host,
+    _free_ports,
+    _tail,
+)
+
+__all__ = ["DEFAULT_REPOSITORY", "ServeProcess", "TritonServer", "main"]
+
+LOG = logging.getLogger("medpclip.serve")
+READY_PREFIX = "Triton ready:"
+NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+
+
+def _bundled_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pytriton") is not None
 
 
 _DESCRIPTION = """\
-Serve a Triton model repository with the tritonserver bundled in the nvidia-pytriton wheel
-(no Docker or GPU needed).
+Serve a Triton model repository the way every deployment of MedP-CLIP runs it: tritonserver on
+127.0.0.1, and in front of it a gateway that owns the public ports.
 
-Sets up the python backend for this interpreter under --cache, starts tritonserver, waits until
-every model is loaded, prints one line
+The gateway forwards gRPC to Triton and never passes a client's cancellation or deadline on
+(Triton 2.51 crashes on them), refuses admin calls without the admin key, can require an API key
+for inference, serves TLS, and answers an HTTP port with the health paths only:
+/v2/health/live, and /v2/health/ready, which is a deep check (Triton and every python-backend
+stub alive, a canary inference answered) and is false while draining or restarting. A problem
+that lasts restarts Triton on its own.
+
+Prints one line once ready:
 
   Triton ready: gRPC HOST:PORT, HTTP http://HOST:PORT, metrics http://HOST:PORT/metrics
 
-and serves until SIGINT (Ctrl-C) or SIGTERM. It then shuts Triton down cleanly and removes any
-python-backend shared memory (/dev/shm) this server left behind. Diagnostics go to stderr and
-Triton's own output to --log-file.
+On SIGTERM or Ctrl-C: readiness goes false while requests are still served (--drain-seconds),
+then no new requests, in-flight ones finish (--stop-timeout), then Triton exits. A second
+signal skips the drain. Keys and certificates come from files, never from the command line.
+Diagnostics go to stderr (no request data); Triton's output is appended to --log-file.
 
-exit codes: 0 after a requested stop, 1 if the server fails to start or dies, 2 on usage errors.
+exit codes: 0 after a requested stop, 1 if the server fails to start or dies for good, 2 usage.
 """
 
-_EPILOG = """\
+_EPILOG = f"""\
 examples:
   python -m medpclip.serve --repository build/model_repository
-  python -m medpclip.serve --host 0.0.0.0 --grpc-port 9001 --http-port 9000 --metrics-port 9002
   python -m medpclip.serve --grpc-port 0 --http-port 0 --metrics-port 0   # free ports
+  python -m medpclip.serve --host 0.0.0.0 --tls-cert tls.crt --tls-key tls.key \\
+      --api-key-file api-key --admin-key-file admin-key
+
+clients send keys as the header '{D.AUTH_HEADER}: Bearer <key>'
+(medpclip-client: MEDPCLIP_API_KEY or --api-key-file).
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="python -m medpclip.serve",
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        # Keep the hand-wrapped description and examples as written.
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    p.add_argument(
         "--repository",
         type=Path,
         default=DEFAULT_REPOSITORY,
         metavar="DIR",
         help="Triton model repository to serve (default: %(default)s)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address all endpoints bind to; 0.0.0.0 exposes them (default: %(default)s)",
+        help="address the public ports bind to; 0.0.0.0 exposes them (default: %(default)s)",
     )
     for name, default, what in (
-        ("grpc", 8001, "gRPC"),
-        ("http", 8000, "HTTP/REST"),
-        ("metrics", 8002, "Prometheus metrics"),
+        ("grpc", D.GRPC_PORT, "gRPC (the gateway)"),
+        ("http", D.HTTP_PORT, "HTTP health (/v2/health/live, /v2/health/ready)"),
+        ("metrics", D.METRICS_PORT, "Triton's Prometheus metrics"),
     ):
-        parser.add_argument(
+        p.add_argument(
             f"--{name}-port",
             type=int,
             default=default,
             metavar="PORT",
             help=f"{what} port; 0 picks a free one (default: %(default)s)",
         )
-    parser.add_argument(
+    sec = p.add_argument_group("security (files only: nothing secret on the command line)")
+    sec.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
+    sec.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
+    sec.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    sec.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        default=os.environ.get("MEDPCLIP_API_KEY_FILE") or None,
+        help="inference needs this key (env MEDPCLIP_API_KEY_FILE); default: open inference",
+    )
+    sec.add_argument(
+        "--admin-key-file",
+        type=Path,
+        metavar="FILE",
+        default=os.environ.get("MEDPCLIP_ADMIN_KEY_FILE") or None,
+        help="admin calls (repository, config, statistics, shared memory, trace, logging) "
+        "need this key (env MEDPCLIP_ADMIN_KEY_FILE); default: admin calls refused",
+    )
+    life = p.add_argument_group("lifecycle")
+    life.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=D.DRAIN_S,
+        metavar="S",
+        help="on SIGTERM, seconds of 'not ready but serving' (default: %(default)s)",
+    )
+    life.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=D.STOP_TIMEOUT_S,
+        metavar="S",
+        help="then, seconds in-flight requests get to finish (default: %(default)s)",
+    )
+    life.add_argument(
+        "--restart-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="restart Triton when a health problem lasts this long (default: %(default)s)",
+    )
+    life.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="how long to wait for all models to load (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tritonserver",
+        type=Path,
+        metavar="PATH",
+        help="tritonserver binary (default: the one bundled in nvidia-pytriton, else "
+        f"{NGC_TRITONSERVER} as in NVIDIA's images)",
+    )
+    p.add_argument(
         "--log-file",
         type=Path,
-        default=None,
         metavar="FILE",
-        help="tritonserver output (default: CACHE/logs/tritonserver-HTTP_PORT.log)",
+        help="Triton's output, appended and rotated (default: CACHE/logs/tritonserver-PORT.log)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--cache",
         type=Path,
         default=DEFAULT_CACHE,
         metavar="DIR",
-        help="where the python backend directory and default log go (default: %(default)s)",
+        help="python backend directory and default log folder (default: %(default)s)",
     )
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="how long to wait for all models to load (default: %(default)s)",
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def options(args: argparse.Namespace) -> Options:
+    """Options from parsed arguments; ValueError names what is wrong (a file, a pair)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if tls is not None:
+        tls.credentials()  # read now: a bad file is a usage error, not a runtime surprise
+    executable = args.tritonserver
+    if executable is None and not _bundled_available() and NGC_TRITONSERVER.is_file():
+        executable = NGC_TRITONSERVER
+    if args.log_file is None:
+        args.log_file = args.cache / "logs" / f"tritonserver-{args.grpc_port or 'any'}.log"
+    return Options(
+        repository=args.repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        keys=Keys(api=read_key(args.api_key_file), admin=read_key(args.admin_key_file)),
+        tls=tls,
+        executable=executable,
+        log_file=args.log_file,
+        cache=args.cache,
+        startup_timeout_s=args.startup_timeout,
+        drain_s=args.drain_seconds,
+        stop_timeout_s=args.stop_timeout,
+        restart_after_s=args.restart_after,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
+
+
+def _ready_line(sup: Supervisor) -> str:
+    o, gw = sup.opts, sup.gateway
+    host = _format_host(o.host)
+    return (
+        f"{READY_PREFIX} gRPC {host}:{gw.grpc_port}{' (TLS)' if o.tls else ''}, "
+        f"HTTP http://{host}:{gw.http_port}, metrics http://{host}:{o.metrics_port}/metrics"
+    )
+
+
+async def _serve(opts: Options) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sup = Supervisor(opts, on_ready=lambda s: print(_ready_line(s), flush=True))
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            LOG.info("received %s again: skipping the drain", sig.name)
+            sup.hurry()
+        else:
+            LOG.info("received %s: shutting down", sig.name)
+            stop.set()
+            sup.interrupt_start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await sup.run(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -630,58 +261,165 @@ def main(argv: Iterable[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    stop_requested = threading.Event()
-    server: TritonServer | None = None
-
-    def request_stop(signum: int, _frame: object) -> None:
-        LOG.info("received %s, shutting down", signal.Signals(signum).name)
-        stop_requested.set()
-        if server is not None:
-            server.interrupt()  # a model load can take minutes; don't make Ctrl-C wait for it
-
-    # Installed before start so a signal during startup is not lost.
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        try:
-            server = TritonServer(
-                args.repository,
-                host=args.host,
-                grpc_port=args.grpc_port or None,
-                http_port=args.http_port or None,
-                metrics_port=args.metrics_port or None,
-                log_file=args.log_file,
-                startup_timeout=args.startup_timeout,
-                cache=args.cache,
-            )
-            if stop_requested.is_set():
-                return 0
-            server.start()
-        except (RuntimeError, OSError, ImportError) as exc:
-            if stop_requested.is_set():
-                return 0  # asked to stop while starting: a clean, requested shutdown
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(
-            f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
-            f"metrics {server.metrics_url}",
-            flush=True,
+        opts = options(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not opts.repository.is_dir():
+        print(f"error: model repository not found: {opts.repository}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_serve(opts))
+    except OSError as exc:  # a port taken, an address that is not ours
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher as a child process
+# --------------------------------------------------------------------------------------------
+
+
+class ServeProcess:
+    """``python -m medpclip.serve`` as a child process on free loopback ports.
+
+    Example::
+
+        with ServeProcess(Path("build/model_repository")) as server:
+            client = MedPClipClient(server.grpc_url)
+
+    ``args`` are passed on (e.g. key files). The launcher's stderr goes to ``log_file``;
+    startup errors include its last lines. ``drain_s`` defaults to 0: a local server has no
+    load balancer to wait for.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        args: Sequence[str] = (),
+        log_file: Path | None = None,
+        drain_s: float = 0,
+        startup_timeout: float = 120,
+        cache: Path | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.grpc_port, self.http_port, self.metrics_port = _free_ports("127.0.0.1", 3)
+        self.host = "127.0.0.1"
+        self.cache = Path(cache) if cache is not None else DEFAULT_CACHE
+        self.log_file = (
+            Path(log_file) if log_file else self.cache / "logs" / f"serve-{self.grpc_port}.log"
         )
-        while not stop_requested.wait(0.5):
-            if not server.running:
-                code = server.stop()
-                print(
-                    f"error: tritonserver exited unexpectedly with code {code}; "
-                    f"last lines of {server.log_file}:\n{_tail(server.log_file)}",
-                    file=sys.stderr,
+        self.args = [
+            f"--repository={self.repository}",
+            f"--host={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--drain-seconds={drain_s}",
+            f"--cache={self.cache}",
+            f"--log-file={self.log_file.with_suffix('.triton.log')}",
+            *args,
+        ]
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self.ready_line: str | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's process id (Triton and its stubs are its descendants)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "medpclip.serve", *self.args]
+
+    def start(self) -> ServeProcess:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self._process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,  # a terminal's Ctrl-C is ours to forward, in order
+            )
+        ready = threading.Event()
+        threading.Thread(target=self._read_stdout, args=(ready,), daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready.wait(0.2):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                code = self._process.poll()
+                self.stop()
+                what = f"exited with code {code}" if code is not None else "not ready in time"
+                raise RuntimeError(
+                    f"medpclip.serve {what}; last lines of {self.log_file}:\n"
+                    f"{_tail(self.log_file)}"
                 )
-                return 1
-        server.stop()
-        return 0
-    finally:
-        if server is not None:
-            server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return self
+
+    def _read_stdout(self, ready: threading.Event) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(READY_PREFIX):
+                self.ready_line = line
+                ready.set()
+
+    def ready(self) -> bool:
+        """The deep readiness the gateway reports on its HTTP port."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def signal(self, sig: int) -> None:
+        if self._process is not None:
+            self._process.send_signal(sig)
+
+    def stop(self, timeout: float = D.GRACE_PERIOD_S) -> int | None:
+        """SIGTERM and wait (SIGKILL to the whole group past ``timeout``)."""
+        proc = self._process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                LOG.warning("medpclip.serve did not stop in %g s; killing it", timeout)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._process = None
+        return proc.returncode
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 if __name__ == "__main__":
