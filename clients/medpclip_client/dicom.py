@@ -2,7 +2,8 @@
 
 `read_dicom` decodes one frame with pydicom (compressed transfer syntaxes through its pixel
 handlers: pylibjpeg with pylibjpeg-libjpeg for JPEG, pylibjpeg-openjpeg for JPEG 2000,
-pylibjpeg-rle for RLE, pyjpegls for JPEG-LS), applies the modality LUT (rescale slope/intercept
+pylibjpeg-rle for RLE, pyjpegls for JPEG-LS, python-gdcm for 12-bit JPEG Extended; the same
+`imaging.decode_pixel_data` as the server), applies the modality LUT (rescale slope/intercept
 or a Modality LUT Sequence, from the per-frame functional groups of enhanced multi-frame files
 too) and chooses the display window: explicit > preset > the file's VOI (window tags, else a
 VOI LUT Sequence) > min-max. `to_request` turns the result into the `(pixels, window)` pair that
@@ -29,7 +30,9 @@ The server windows PIXELS and expects MONOCHROME2, so for MONOCHROME1 (and for a
 LUT) `to_request` sends the display image itself, scaled to 0..255, without a window.
 
 Nothing here logs or raises with tag values: errors name only the transfer syntax, frame counts
-and sizes, never patient data.
+and sizes, never patient data. A truncated file is called truncated (with the byte counts for
+uncompressed pixel data); installing a handler is advised only when none installed supports
+the transfer syntax.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from .imaging import (
     _apply_window,
     _check_size,
     _min_max,
+    check_pixel_data,
     decode_image,
+    decode_pixel_data,
     is_dicom,
 )
 from .tensors import MAX_IMAGE_SIDE
@@ -200,26 +205,6 @@ def _first(value: Any) -> float:
     return float(value[0] if isinstance(value, MultiValue) else value)
 
 
-def _decode_frame(ds: Dataset, frame: int) -> np.ndarray:
-    """Decode only `frame` (pydicom converts YBR to RGB); errors name the transfer syntax."""
-    from pydicom.pixels import pixel_array
-
-    try:
-        return pixel_array(ds, index=frame)
-    except Exception as exc:
-        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        name = f"{ts} ({ts.name})" if ts is not None else "unknown transfer syntax"
-        if isinstance(exc, NotImplementedError):
-            why = "no installed pixel data handler supports it"
-        else:
-            why = f"the installed pixel data handlers failed on it ({type(exc).__name__})"
-        raise InputError(
-            f"DICOM pixel data could not be decoded: transfer syntax {name}; {why}. JPEG, "
-            "JPEG 2000 and RLE need pylibjpeg with pylibjpeg-libjpeg, pylibjpeg-openjpeg and "
-            "pylibjpeg-rle, JPEG-LS needs pyjpegls; or decode the file elsewhere and send pixels"
-        ) from None
-
-
 def read_dicom(
     src: str | os.PathLike[str] | bytes | bytearray | memoryview | Dataset,
     frame: int = 0,
@@ -236,17 +221,14 @@ def read_dicom(
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     ds = _dataset(src)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = ds.get("SOPClassUID")
-        kind = sop.name if sop is not None else "unknown SOP class"
-        raise InputError(f"DICOM instance has no pixel data ({kind}); send an image instance")
+    check_pixel_data(ds)  # missing, or cut short: said before any decoder runs
     _check_size(int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), max_side)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 0 <= frame < frames:
         raise InputError(
             f"frame {frame} requested but the file has {frames} frame(s) (valid: 0..{frames - 1})"
         )
-    arr = _decode_frame(ds, frame)
+    arr = decode_pixel_data(ds, frame)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     bits = int(ds.get("BitsStored", 8) or 8)

@@ -10,12 +10,19 @@ side is S and padded at the bottom/right (as SAM does); prompts are mapped with 
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .tensors import MAX_IMAGE_SIDE, MAX_POINTS
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.pixels.decoders.base import DecodeRunner
+    from pydicom.uid import UID
 
 # OpenAI CLIP / BiomedCLIP normalisation
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -116,22 +123,9 @@ def decode_dicom(
         raise InputError(
             f"IMAGE is not a readable DICOM Part 10 file ({type(exc).__name__})"
         ) from None
-    if "PixelData" not in ds:
-        sop = getattr(ds, "SOPClassUID", None)
-        kind = sop.name if sop is not None else "unknown SOP class"
-        raise InputError(f"DICOM instance has no pixel data ({kind}); send an image instance")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    _check_size(rows, cols, max_side)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        raise InputError(
-            f"DICOM pixel data could not be decoded (transfer syntax {ts}: {type(exc).__name__}); "
-            "install the matching pydicom pixel handler or send decoded pixels"
-        ) from None
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        arr = arr[0]
+    check_pixel_data(ds)
+    _check_size(int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), max_side)
+    arr = decode_pixel_data(ds, frame=0)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -158,6 +152,205 @@ def decode_dicom(
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return _gray_to_rgb(out)
+
+
+# --- DICOM pixel data: presence, length, decoders ----------------------------------------------
+# Shared by the server (`decode_dicom`) and the client (`dicom.read_dicom`), so both refuse the
+# same files with the same advice. Errors name transfer syntaxes, sizes and decoder names only.
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
+_GDCM_12BIT = "gdcm-12bit"  # our label in pydicom's decoder registry
+_registry_lock = threading.Lock()
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """InputError unless `ds` has pixel data that is not visibly cut short.
+
+    pydicom reads a file that ends inside encapsulated (compressed) pixel data as an empty data
+    set or one without the element: that means a truncated file, not a report without pixels."""
+    if len(ds) == 0:
+        raise InputError(
+            "DICOM file has no pixel data: its data set is empty or unreadable, so the file is "
+            "truncated or corrupt (e.g. it ends inside its compressed pixel data); send the "
+            "whole file"
+        )
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if "Rows" in ds and "Columns" in ds:
+            raise InputError(
+                "DICOM pixel data is missing or truncated: the file describes an image "
+                f"({int(ds.Columns)}x{int(ds.Rows)}) but has no pixel data element or one that "
+                "ends before it is complete; send the whole file"
+            )
+        sop = ds.get("SOPClassUID")
+        kind = sop.name if sop is not None else "unknown SOP class"
+        raise InputError(f"DICOM instance has no pixel data ({kind}); send an image instance")
+    _check_native_length(ds)
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
+
+
+def _syntax_name(ts: UID | None) -> str:
+    return f"{ts} ({ts.name})" if ts is not None else "unknown transfer syntax"
+
+
+def _check_native_length(ds: Dataset) -> None:
+    """Uncompressed pixel data shorter than Rows x Columns x samples x frames needs: say so
+    (pydicom's own error would be reported as an undecodable transfer syntax)."""
+    from pydicom.pixels.utils import get_expected_length
+
+    ts = _transfer_syntax(ds)
+    if ts is None or ts.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except Exception:  # missing/odd Image Pixel attributes: pydicom's decoder reports them
+        return
+    got = len(ds.PixelData)
+    if got < expected:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise InputError(
+            f"DICOM pixel data is truncated: expected {expected} bytes ({frames} frame(s) of "
+            f"{int(ds.Columns)}x{int(ds.Rows)} at {int(ds.BitsAllocated)} bits allocated, "
+            f"{int(ds.get('SamplesPerPixel', 1))} sample(s) per pixel), got {got}; the file "
+            "is incomplete or corrupt: send the whole file"
+        )
+
+
+def decode_pixel_data(ds: Dataset, frame: int = 0) -> np.ndarray:
+    """Decode one frame (pydicom converts YBR to RGB). InputError says which of three things
+    is wrong: pydicom has no decoder for the transfer syntax at all; it has one but none of its
+    plugins is installed (the only case where installing something helps, named); or the
+    installed plugins failed on this file (corrupt, cut short, an odd variant)."""
+    from pydicom.pixels import get_decoder
+
+    register_gdcm_12bit()
+    ts = _transfer_syntax(ds)
+    plugins: tuple[str, ...] = ()
+    if ts is not None:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise InputError(
+                f"DICOM pixel data could not be decoded: transfer syntax {_syntax_name(ts)}; "
+                "no installed pixel data handler supports it (pydicom has no decoder for it): "
+                "decode the file elsewhere and send pixels"
+            ) from None
+        if not decoder.is_available:
+            raise InputError(_not_installed(ts, decoder.missing_dependencies))
+        plugins = tuple(decoder.available_plugins)
+    try:
+        return _decode_frame(ds, frame, _preferred_plugin(ds, ts, plugins))
+    except Exception as exc:
+        used = f" ({', '.join(plugins)})" if plugins else ""
+        raise InputError(
+            f"DICOM pixel data could not be decoded: transfer syntax {_syntax_name(ts)}; the "
+            f"installed pixel data handlers{used} failed on it ({type(exc).__name__}): the file "
+            "may be corrupt or truncated; check that it opens in a DICOM viewer, or decode it "
+            "elsewhere and send pixels"
+        ) from None
+
+
+def _preferred_plugin(ds: Dataset, ts: UID | None, plugins: tuple[str, ...]) -> str:
+    """GDCM first for 12-bit monochrome JPEG Extended: pydicom's plugins would each fail (and
+    log an ERROR with a traceback) before reaching it. "" = pydicom's own order."""
+    twelve_bit = int(ds.get("BitsStored", 8) or 8) > 8 and int(ds.get("SamplesPerPixel", 1)) == 1
+    if ts == JPEG_EXTENDED_12BIT and twelve_bit and _GDCM_12BIT in plugins:
+        return _GDCM_12BIT
+    return ""
+
+
+def _decode_frame(ds: Dataset, frame: int, plugin: str) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    if plugin:
+        try:
+            return pixel_array(ds, index=frame, decoding_plugin=plugin)
+        except Exception:  # noqa: BLE001 - the other installed plugins may still read it
+            pass
+    return pixel_array(ds, index=frame)
+
+
+def _not_installed(ts: UID, missing: list[str]) -> str:
+    needs = "; ".join(missing) or "a pydicom decoder plugin"
+    return (
+        f"DICOM pixel data could not be decoded: transfer syntax {_syntax_name(ts)}; no installed "
+        f"pixel data handler supports it (needs one of: {needs}); install one (the client: "
+        "pip install 'medpclip-client[dicom]'), or decode the file elsewhere and send pixels"
+    )
+
+
+def register_gdcm_12bit() -> bool:
+    """Add GDCM as a decoder of 12-bit JPEG Extended (process 2/4) to pydicom (after its own
+    plugins; `decode_pixel_data` asks for it first on 12-bit data). True when it is available
+    (GDCM installed).
+
+    pydicom's `gdcm` plugin refuses 12-bit precision and pylibjpeg/Pillow cannot read it either
+    (nor non-conformant streams such as pydicom's JPEG-lossy.dcm), while GDCM decodes it with its
+    12-bit IJG codec. Idempotent and thread-safe (pydicom's `add_plugin` is neither)."""
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(JPEG_EXTENDED_12BIT)
+    with _registry_lock:
+        # missing_dependencies reads "<label> - requires ..." for unavailable plugins
+        unavailable = {m.split(" - ")[0] for m in decoder.missing_dependencies}
+        if _GDCM_12BIT not in {*decoder.available_plugins, *unavailable}:
+            decoder.add_plugin(_GDCM_12BIT, (__name__, "decode_gdcm_12bit_frame"))
+    return _GDCM_12BIT in decoder.available_plugins
+
+
+# pydicom's decoder-plugin interface (`Decoder.add_plugin` looks these names up in this module)
+DECODER_DEPENDENCIES = {JPEG_EXTENDED_12BIT: ("python-gdcm>=3.0.10",)}
+
+
+def is_available(uid: str) -> bool:
+    """pydicom plugin interface: can `decode_gdcm_12bit_frame` decode `uid` here?"""
+    if uid != JPEG_EXTENDED_12BIT:
+        return False
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def decode_gdcm_12bit_frame(src: bytes, runner: DecodeRunner) -> bytes:
+    """pydicom decoder plugin: one frame of 12-bit monochrome JPEG Extended through GDCM (as
+    pydicom's gdcm plugin does for other syntaxes, without its 8-bit-only rule). 8-bit and
+    colour data stay with pydicom's own plugins."""
+    import gdcm
+
+    if runner.bits_stored <= 8 or runner.samples_per_pixel != 1:
+        raise NotImplementedError("only 12-bit monochrome JPEG Extended is decoded here")
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(src)
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    elem = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    elem.SetValue(fragments.__ref__())
+    img = gdcm.Image()
+    img.SetNumberOfDimensions(2)
+    img.SetDimensions((runner.columns, runner.rows, 1))
+    img.SetDataElement(elem)
+    pi = gdcm.PhotometricInterpretation.GetPIType(str(runner.photometric_interpretation))
+    img.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi))
+    img.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(JPEG_EXTENDED_12BIT)))
+    bits = runner.bits_stored
+    img.SetPixelFormat(
+        gdcm.PixelFormat(1, runner.bits_allocated, bits, bits - 1, runner.pixel_representation)
+    )
+    buffer = img.GetBuffer()  # None when GDCM cannot decode the stream
+    if buffer is None:
+        raise ValueError("GDCM could not decode the JPEG stream")
+    # GDCM's SWIG binding returns char* as str: re-encode the raw bytes
+    frame = buffer.encode("utf-8", "surrogateescape")
+    expected = runner.frame_length(unit="bytes")
+    if len(frame) != expected:
+        raise ValueError(f"GDCM returned {len(frame)} bytes for a {expected}-byte frame")
+    return frame
 
 
 def pixels_to_image(

@@ -1,4 +1,5 @@
-"""Candidate-label checks shared by the server's `preprocess` and `tokenizer` models."""
+"""Candidate-label checks and tokenization shared by the server's `preprocess` and `tokenizer`
+models: count, UTF-8, emptiness, characters, and tokens against the text encoder's context."""
 
 from __future__ import annotations
 
@@ -35,22 +36,53 @@ def validate_labels(labels: Sequence[bytes | str], max_labels: int = MAX_LABELS)
 
 
 def load_tokenizer(path: str, context_length: int):
-    """A `tokenizers` WordPiece tokenizer padding/truncating to `context_length` (server side;
-    imported lazily so the client does not need `tokenizers`)."""
+    """A `tokenizers` WordPiece tokenizer padding to `context_length` and never truncating
+    (server side; imported lazily so the client does not need `tokenizers`).
+
+    Truncation is off on purpose: a label longer than the context would lose its end silently
+    (two labels differing only there would score identically), so `tokenize` refuses it."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
-    # the saved tokenizer already pads/truncates; restate it so a swapped file cannot differ
-    tok.enable_truncation(max_length=context_length)
+    tok.no_truncation()
+    # the saved tokenizer already pads; restate it so a swapped file cannot differ
     tok.enable_padding(length=context_length, pad_id=tok.token_to_id("[PAD]"))
     return tok
 
 
+def context_length(tok) -> int:
+    """Tokens per label the text encoder reads: the fixed padding length `load_tokenizer` set."""
+    padding = tok.padding
+    if not padding or not padding.get("length"):
+        # a programming error (a tokenizer not from load_tokenizer), not the caller's input
+        raise RuntimeError("the tokenizer pads to no fixed length; load it with load_tokenizer")
+    return int(padding["length"])
+
+
+def check_token_lengths(tok, encodings: Sequence) -> None:
+    """InputError naming the first label with more tokens (special ones included) than the
+    context length, instead of letting the text encoder read a cut label."""
+    limit = context_length(tok)
+    for i, enc in enumerate(encodings):
+        tokens = sum(enc.attention_mask)  # padding excluded; nothing is truncated
+        if tokens > limit:
+            special = tok.num_special_tokens_to_add(False)
+            raise InputError(
+                f"label {i} is {tokens} tokens long; the model reads at most {limit} tokens per "
+                f"label (context length, {special} of them special tokens): shorten the label "
+                "so that nothing of it is cut off"
+            )
+
+
 def tokenize(tok, labels: Sequence[bytes | str], max_labels: int = MAX_LABELS):
-    """Validated labels -> (input_ids, attention_mask), int64 [T, L] numpy arrays."""
+    """Validated labels -> (input_ids, attention_mask), int64 [T, L] numpy arrays.
+
+    The one place where the server tokenizes (`preprocess` for medp_clip, `tokenizer` for
+    medp_clip_text), so every ensemble taking LABELS refuses the same labels."""
     import numpy as np
 
     enc = tok.encode_batch(validate_labels(labels, max_labels))
+    check_token_lengths(tok, enc)
     return (
         np.array([e.ids for e in enc], dtype=np.int64),
         np.array([e.attention_mask for e in enc], dtype=np.int64),

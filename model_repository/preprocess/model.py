@@ -1,8 +1,9 @@
 """Decodes the image (PNG/JPEG, DICOM Part 10, or raw PIXELS), letterboxes it to the model's
 input size and maps the region prompts with the same transform.
 
-Bad input becomes INVALID_ARGUMENT with a message the caller can act on; nothing about the
-patient (DICOM tags, pixel values) is logged.
+Bad input becomes INVALID_ARGUMENT with a message the caller can act on (truncated pixel data,
+a transfer syntax no installed decoder supports, a label longer than the text context); nothing
+about the patient (DICOM tags, pixel values) is logged.
 """
 
 import triton_python_backend_utils as pb_utils

@@ -1,6 +1,7 @@
 """WordPiece tokenization of the candidate labels (`tokenizer.json` beside this file).
 
-Serves the text-only ensemble; `medp_clip` tokenizes inside `preprocess` (see tensors.py).
+Serves the text-only ensemble; `medp_clip` tokenizes inside `preprocess` (see tensors.py). Both
+call `labels.tokenize`, which refuses a label longer than the context instead of cutting it.
 """
 
 import triton_python_backend_utils as pb_utils
