@@ -20,7 +20,7 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(
     not HAS_TENSORRT,
     reason="TensorRT is not installable on this machine (no builder wheel, no GPU); engine "
-    "builds and TensorRT parity run in NVIDIA's 24.10 containers on the target GPU",
+    f"builds and TensorRT parity run in NVIDIA's {te.TRITON_RELEASE} containers on the target GPU",
 )
 
 
@@ -64,7 +64,7 @@ def test_trtexec_script_matches_the_profile(build_dir, model, tmp_path):
     assert te.engine_name("8.9") == "model.sm89.plan"
 
 
-def _register_engines(build_dir, engines, tensorrt="10.5.0", ccs=("8.0", "9.0")):
+def _register_engines(build_dir, engines, tensorrt=f"{te.TRITON_TENSORRT}.0", ccs=("8.0", "9.0")):
     """Engine metadata as our builder writes it, beside a placeholder plan. The generator reads
     only the metadata (it never loads a plan), which is what these tests check."""
     for spec in T.ENCODERS:
@@ -130,7 +130,11 @@ def test_both_flavours_share_everything_but_the_encoders(build_dir, model, tmp_p
     "mismatch, message",
     [
         ("onnx", "built from another ONNX"),
-        ("tensorrt", "built by TensorRT 8.6.1; Triton 24.10 loads plans of TensorRT 10.5 only"),
+        (
+            "tensorrt",
+            f"built by TensorRT 8.6.1; Triton {te.TRITON_RELEASE} loads plans of TensorRT "
+            f"{te.TRITON_TENSORRT} only",
+        ),
         ("missing", "no TensorRT engine for prompt_encoder"),
     ],
 )

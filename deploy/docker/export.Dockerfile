@@ -1,9 +1,14 @@
 # The `export` service: runs our export on the target GPU (ONNX -> TensorRT engines -> Triton
-# repository). NGC PyTorch 24.10 ships TensorRT 10.5, the version Triton 24.10 loads plans of.
-FROM nvcr.io/nvidia/pytorch:24.10-py3
+# repository). NGC PyTorch 25.06 ships TensorRT 10.11, the version Triton 25.06 loads plans of:
+# the two tags move together (tensorrt_engine.TRITON_RELEASE, tests/test_compose.py).
+FROM nvcr.io/nvidia/pytorch:25.06-py3
 WORKDIR /src
 COPY deploy/docker/requirements-export.txt /tmp/requirements-export.txt
-RUN pip install --no-cache-dir -r /tmp/requirements-export.txt
+# Since 25.03 the image pins its own packages through PIP_CONSTRAINT (/etc/pip/constraint.txt).
+# Our pins are the tested export set (onnx, onnxruntime, polygraphy...) and torch imports none of
+# them (the exporter runs with dynamo=False), so they take precedence here; torch, TensorRT and
+# numpy stay the image's, as nothing below pins them.
+RUN PIP_CONSTRAINT= pip install --no-cache-dir -r /tmp/requirements-export.txt
 COPY clients clients
 COPY export export
 COPY model_repository model_repository

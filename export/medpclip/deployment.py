@@ -45,6 +45,12 @@ TRITON_EXIT_S = 10
 # Kubernetes' terminationGracePeriodSeconds and compose's stop_grace_period: the whole sequence
 # plus margin, so nothing is ever SIGKILLed.
 GRACE_PERIOD_S = DRAIN_S + STOP_TIMEOUT_S + TRITON_EXIT_S + 10
+# File names in TLS_DIR and KEYS_DIR: the keys of the Kubernetes Secrets and the targets of the
+# compose secrets, so that a mounted Secret lands where the launcher's flags point.
+TLS_CERT, TLS_KEY, TLS_CA = "tls.crt", "tls.key", "ca.crt"
+API_KEY, ADMIN_KEY = "api-key", "admin-key"
+# The server binary in NGC's Triton image (the launcher's default is the PyPI wheel's).
+NGC_TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 # The custom metric the HorizontalPodAutoscaler scales on (from prometheus-adapter's rule).
 QUEUE_METRIC = "medpclip_queue_us_per_request"
 ENV_FILE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "server.env"
@@ -67,6 +73,12 @@ def server_env() -> dict[str, str]:
         "MODELS": ",".join(MODELS),
         "READY_PATH": READY_PATH,
         "LIVE_PATH": LIVE_PATH,
+        "TRITONSERVER": NGC_TRITONSERVER,
+        "TLS_DIR": TLS_DIR,
+        "KEYS_DIR": KEYS_DIR,
+        "DRAIN_S": str(DRAIN_S),
+        "STOP_TIMEOUT_S": str(STOP_TIMEOUT_S),
+        "GRACE_PERIOD_S": str(GRACE_PERIOD_S),
     }
 
 

@@ -29,9 +29,12 @@ import onnx
 from medpclip_client import tensors as T
 
 PRECISIONS = ("fp16", "fp32")
-# Triton 24.10 (2.51) ships TensorRT 10.5: a plan must be built by the same major.minor.
-TRITON_RELEASE = "24.10"
-TRITON_TENSORRT = "10.5"
+# The NGC release every image uses (deploy/docker): Triton 25.06 (2.59) is the first with all
+# three gRPC cancellation fixes (server#7840 in 24.12, #8078 for #8034 in 25.04, #8220 in
+# 25.06) and still on CUDA 12.9. Its TensorRT is 10.11, as in NGC PyTorch 25.06 where the
+# engines are built: a plan must be built by the same major.minor.
+TRITON_RELEASE = "25.06"
+TRITON_TENSORRT = "10.11"
 # ONNX ops kept in FP32 in an FP16 engine: normalisation statistics, softmax and the reductions
 # and powers that overflow or lose precision in FP16.
 FP32_ONNX_OPS = frozenset(
