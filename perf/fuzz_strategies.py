@@ -68,18 +68,7 @@ UID = "1.2.826.0.1.3680043.10.1311"  # fixed UIDs: the same draw gives the same 
 # Server bugs the fuzzing found that nobody has fixed yet, by (ensemble, path): the test keeps
 # them as strict xfails (the case documents the bug; the fix turns it into an XPASS failure that
 # says to remove the entry) and perf/fuzz.py reports them apart from new problems.
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    **{
-        (model, "pixels_range"): "the message echoes the request's pixel values (its min and max)"
-        for model in IMAGE_MODELS
-    },
-    **{
-        (model, "dicom_palette_without_lut"): "PALETTE COLOR without its lookup table: INTERNAL "
-        "'preprocess failed: ValueError' (decode_dicom calls apply_color_lut outside the "
-        "InputError handling)"
-        for model in IMAGE_MODELS
-    },
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 # --- requests -----------------------------------------------------------------------------------

@@ -130,7 +130,15 @@ def decode_dicom(
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        arr = apply_color_lut(arr, ds)  # indices -> RGB through the palette
+        try:
+            arr = apply_color_lut(arr, ds)  # indices -> RGB through the palette
+        except (ValueError, KeyError, AttributeError, IndexError) as exc:
+            # a PALETTE COLOR image without a usable lookup table is the sender's to fix
+            raise InputError(
+                "DICOM PhotometricInterpretation is PALETTE COLOR but its palette lookup table "
+                f"is missing or unusable ({type(exc).__name__}); send the image with its "
+                "Palette Color Lookup Table Module, or decode it and send PIXELS"
+            ) from None
     if arr.ndim == 3 and arr.shape[-1] == 3:
         # pydicom 3 already returns RGB for YBR pixel data (convert_color_space=True default)
         a = arr.astype(np.float32)
@@ -371,8 +379,9 @@ def pixels_to_image(
     else:
         if a.min() < 0 or a.max() > 255:
             raise InputError(
-                f"PIXELS range [{a.min():g}, {a.max():g}] is outside [0, 255]; pass WINDOW "
-                "(centre, width) for raw intensities such as Hounsfield units"
+                # no values in the message: an error never echoes request data
+                "PIXELS has values outside [0, 255]; pass WINDOW (centre, width) for raw "
+                "intensities such as Hounsfield units, or scale the pixels to 0-255"
             )
         out = a / 255.0
     return _gray_to_rgb(out) if out.ndim == 2 else out
