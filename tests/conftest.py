@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from medpclip import export
 from medpclip.model import load_checkpoint
-from medpclip.serve import TritonServer
+from medpclip.serve import ServeProcess
 from medpclip_client import tensors as T
 
 
@@ -56,7 +56,8 @@ def model(checkpoint):
 
 @pytest.fixture(scope="session")
 def server(build_dir):
-    with TritonServer(build_dir / "model_repository") as s:
+    """The server as users run it: `python -m medpclip.serve` (gateway in front of Triton)."""
+    with ServeProcess(build_dir / "model_repository", log_file=build_dir / "serve.log") as s:
         yield s
 
 

@@ -24,6 +24,7 @@ from .client import (
     Region,
     Request,
     Result,
+    RetryPolicy,
     load_mask,
     save_mask,
 )
@@ -94,7 +95,8 @@ folders (IMAGE is a directory):
 connection:
   --tls encrypts the channel (verifying the server with --root-cert, else the system CAs);
   --client-cert/--client-key add a client certificate (mutual TLS). --header KEY=VALUE adds
-  gRPC metadata to every call (e.g. --header "authorization=Bearer $TOKEN"; never printed).
+  gRPC metadata to every call (never printed). The server's API key comes from
+  --api-key-file FILE, MEDPCLIP_API_KEY_FILE or MEDPCLIP_API_KEY (never on the command line).
   A call that finds the server UNAVAILABLE is retried --retries times with backoff; --timeout
   bounds each file's call, retries included.
 
@@ -268,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--retries",
         metavar="N",
         type=_count,
-        default=3,
-        help="retries when the server is UNAVAILABLE (default 3)",
+        default=RetryPolicy.retries,
+        help=f"retries when the server is UNAVAILABLE (default {RetryPolicy.retries}, about "
+        "30 s: enough to ride out a server restart)",
     )
     c.add_argument("--tls", action="store_true", help="connect with TLS")
     c.add_argument("--root-cert", metavar="PEM", help="CA certificate(s) to verify the server")
@@ -281,7 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_header,
         action="append",
         default=[],
-        help="gRPC metadata sent with every call, e.g. authorization=Bearer ...; repeatable",
+        help="gRPC metadata sent with every call, e.g. x-request-id=...; repeatable",
+    )
+    c.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("MEDPCLIP_API_KEY_FILE") or None,
+        help="file holding the server's API key (default: env MEDPCLIP_API_KEY_FILE, else the "
+        "key in env MEDPCLIP_API_KEY); never pass a key itself on the command line",
     )
     p.add_argument("--top", metavar="K", type=_positive_int, help="show only the K best labels")
     p.add_argument(
@@ -427,7 +438,22 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         "certificate_chain": args.client_cert,
         "private_key": args.client_key,
         "headers": dict(args.header),
+        "api_key": read_api_key(args.api_key_file),
     }
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The key in ``path`` (surrounding whitespace stripped); None without a path, which lets
+    the client fall back to MEDPCLIP_API_KEY."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"{PROG}: cannot read --api-key-file {path}: {exc.strerror}") from None
+    if not key:
+        raise SystemExit(f"{PROG}: --api-key-file {path} is empty")
+    return key
 
 
 def image_input(

@@ -18,13 +18,14 @@ is retried, with exponential backoff and jitter; INVALID_ARGUMENT would fail the
 and DEADLINE_EXCEEDED means the time budget is spent, so neither is retried. Inference has no
 side effects, so a retried request cannot be applied twice.
 
-Caution: Triton 2.51 (24.10, the release served here) can crash when a gRPC request is
-cancelled while it runs, which is what an expiring deadline does (triton-inference-server/
-server#7368, fixed in 24.12). Keep `timeout_s` well above the slowest expected answer.
+Deadlines and cancellations are safe: the server's gateway (`python -m medpclip.serve`) never
+passes them on to Triton, which crashes on them in 2.51 (server#7368). Keys: `api_key=` (or the
+environment variable MEDPCLIP_API_KEY) is sent as `authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,8 @@ _T = TypeVar("_T")
 
 STATUS_INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
 STATUS_RETRYABLE = "StatusCode.UNAVAILABLE"  # the only status a client retries
+API_KEY_ENV = "MEDPCLIP_API_KEY"
+AUTH_HEADER = "authorization"  # as the gateway reads it (medpclip.deployment.AUTH_HEADER)
 STATUS_DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 # statuses meaning "the service is not there (now)": the CLI's exit code 4
 STATUS_UNAVAILABLE = (
@@ -381,11 +384,12 @@ class RetryPolicy:
 
     Retry n (1-based) waits `min(backoff_max_s, backoff_s * 2**(n-1))` times a random factor in
     [0.5, 1]: the jitter keeps many clients that lost the same server from reconnecting in
-    lockstep, the lower bound keeps a real pause. The defaults (3 retries: about 0.25 + 0.5 +
-    1 s at most) ride out a dropped connection or a restarting load balancer, not a long outage.
+    lockstep, the lower bound keeps a real pause. The defaults (10 retries: 0.25, 0.5, 1, 2, then
+    4 s each, about 14 to 28 s in all, always within the call's deadline) ride out a server
+    restart (stop, start, models loaded: under 15 s for the default model), not a long outage.
     """
 
-    retries: int = 3
+    retries: int = 10
     backoff_s: float = 0.25
     backoff_max_s: float = 4.0
 
@@ -459,7 +463,7 @@ class _ClientBase:
         url: str = DEFAULT_URL,
         timeout_s: float | None = 60,
         *,
-        retries: int = 3,
+        retries: int = RetryPolicy.retries,
         backoff_s: float = 0.25,
         backoff_max_s: float = 4.0,
         ssl: bool = False,
@@ -468,6 +472,7 @@ class _ClientBase:
         certificate_chain: str | Path | None = None,
         headers: Mapping[str, str] | None = None,
         on_retry: RetryHook | None = None,
+        api_key: str | None = None,
     ) -> None:
         from tritonclient.utils import InferenceServerException
 
@@ -475,6 +480,9 @@ class _ClientBase:
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s, backoff_max_s)
         self.headers = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if api_key is not None and AUTH_HEADER not in self.headers:
+            self.headers[AUTH_HEADER] = f"Bearer {api_key.strip()}"
         self.on_retry = on_retry
         self._errors: tuple[type[Exception], ...] = (InferenceServerException,)
         self._tls = {
@@ -545,8 +553,9 @@ class MedPClipClient(_ClientBase):
     ssl: use TLS. root_certificates (CA bundle to verify the server; default the system's),
     private_key and certificate_chain (a client certificate, for mutual TLS): PEM file paths,
     as tritonclient takes them; giving any of them turns TLS on.
-    headers: gRPC metadata sent with every call, e.g. {"authorization": "Bearer ..."} (keys
-    are lower-cased, as gRPC requires; values are never logged).
+    headers: gRPC metadata sent with every call (keys are lower-cased, as gRPC requires; values
+    are never logged). api_key: the server's API key, sent as "authorization: Bearer <key>";
+    default: the environment variable MEDPCLIP_API_KEY, if set.
     on_retry: called as on_retry(attempt, error, delay_s) before each backoff wait.
 
     Errors are raised as `MedPClipError`; use as a context manager to close the channel. One

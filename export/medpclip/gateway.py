@@ -200,11 +200,13 @@ class Gateway:
         tls: TlsFiles | None = None,
         max_inflight: int = 512,
         health: HealthState | None = None,
+        hold_s: float = 30.0,
     ) -> None:
         self.host = host
         self.keys = keys
         self.tls = tls
         self.max_inflight = max_inflight
+        self.hold_s = hold_s
         self.health = health if health is not None else HealthState()
         self.grpc_port = grpc_port
         self.http_port = http_port
@@ -303,8 +305,19 @@ class Gateway:
         self.health.set("stopped", "stopped")
         return left
 
+    async def _wait_until_serving(self) -> bool:
+        """While Triton is (re)starting or known broken (a restart is coming), hold the call
+        for up to ``hold_s`` rather than fail it: a restart then costs latency, not requests.
+        The caller's deadline still applies (it cancels this wait, and nothing was sent)."""
+        deadline = time.monotonic() + self.hold_s
+        while not self.health.ready and self.health.phase != "draining":
+            if self.health.phase == "stopped" or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext):
-        if self.health.phase not in ("serving", "draining"):
+        if not self.health.ready and not await self._wait_until_serving():
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"server is {self.health.phase}; retry shortly",

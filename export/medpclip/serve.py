@@ -167,6 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to wait for all models to load (default: %(default)s)",
     )
     p.add_argument(
+        "--triton-grpc-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="Triton's own gRPC port on 127.0.0.1, behind the gateway (default: a free one). "
+        "Only for tools on this host that cannot send the admin key, such as perf_analyzer "
+        "(it sends no gRPC headers); clients use --grpc-port",
+    )
+    p.add_argument(
         "--tritonserver",
         type=Path,
         metavar="PATH",
@@ -210,6 +219,7 @@ def options(args: argparse.Namespace) -> Options:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
+        triton_grpc_port=args.triton_grpc_port,
         keys=Keys(api=read_key(args.api_key_file), admin=read_key(args.admin_key_file)),
         tls=tls,
         executable=executable,
@@ -303,9 +313,12 @@ class ServeProcess:
         drain_s: float = 0,
         startup_timeout: float = 120,
         cache: Path | None = None,
+        ports: Sequence[int] | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
-        self.grpc_port, self.http_port, self.metrics_port = _free_ports("127.0.0.1", 3)
+        # (gRPC, HTTP health, metrics, Triton's own gRPC); a restart test reuses a server's
+        ports = list(ports) if ports is not None else _free_ports("127.0.0.1", 4)
+        self.grpc_port, self.http_port, self.metrics_port, self.triton_grpc_port = ports
         self.host = "127.0.0.1"
         self.cache = Path(cache) if cache is not None else DEFAULT_CACHE
         self.log_file = (
@@ -317,6 +330,7 @@ class ServeProcess:
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
+            f"--triton-grpc-port={self.triton_grpc_port}",
             f"--drain-seconds={drain_s}",
             f"--cache={self.cache}",
             f"--log-file={self.log_file.with_suffix('.triton.log')}",
@@ -327,8 +341,17 @@ class ServeProcess:
         self.ready_line: str | None = None
 
     @property
+    def ports(self) -> tuple[int, int, int, int]:
+        return (self.grpc_port, self.http_port, self.metrics_port, self.triton_grpc_port)
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def triton_url(self) -> str:
+        """Triton itself, behind the gateway (for perf_analyzer, which sends no keys)."""
+        return f"127.0.0.1:{self.triton_grpc_port}"
 
     @property
     def http_url(self) -> str:

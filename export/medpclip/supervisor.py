@@ -47,6 +47,7 @@ class Options:
     grpc_port: int = D.GRPC_PORT
     http_port: int = D.HTTP_PORT
     metrics_port: int = D.METRICS_PORT
+    triton_grpc_port: int = 0  # Triton's own gRPC on 127.0.0.1 (0: a free one), for perf_analyzer
     keys: Keys = field(default_factory=Keys)
     tls: TlsFiles | None = None
     executable: Path | None = None
@@ -163,6 +164,7 @@ class Supervisor:
             host="127.0.0.1",  # never reachable from outside: the gateway is the door
             metrics_host=o.host,
             metrics_port=o.metrics_port or None,
+            grpc_port=o.triton_grpc_port or None,
             log_file=o.log_file,
             startup_timeout=o.startup_timeout_s,
             cache=o.cache,
@@ -174,7 +176,9 @@ class Supervisor:
         self.triton = triton
         await asyncio.get_running_loop().run_in_executor(None, triton.start)
         self._stubs = triton.stubs()
-        self.opts.metrics_port = triton.metrics_port  # keep it across restarts
+        # keep the ports across restarts (Prometheus and perf_analyzer are pointed at them)
+        self.opts.metrics_port = triton.metrics_port
+        self.opts.triton_grpc_port = triton.grpc_port
         await self.gateway.set_upstream(triton.grpc_url)
         LOG.info("tritonserver up (pid %s, %d python-backend stubs)", triton.pid, len(self._stubs))
 
@@ -221,7 +225,9 @@ class Supervisor:
                     last_canary = now
                 if task is not None and task.done():
                     task = None
-                if problem is None and canary.error and task is None:
+                if problem is None and canary.error:
+                    # sticky until a canary succeeds: a frozen stub fails some canaries and
+                    # times out others, and readiness must not flap back meanwhile
                     problem = canary.error
                 if problem is None and canary.started is not None:
                     age = now - canary.started
@@ -281,7 +287,9 @@ class Supervisor:
                 problem = self.health.problem
                 LOG.error("restarting tritonserver: %s", problem)
                 self.health.set("restarting", problem)
-                await self._stop_triton(self.opts.triton_exit_s)
+                # A broken Triton gets little grace: its in-flight calls fail as UNAVAILABLE and
+                # are retried (and held) against the new one.
+                await self._stop_triton(min(self.opts.triton_exit_s, 3.0))
                 self.restarts += 1
         finally:
             await self._stop_sequence()
