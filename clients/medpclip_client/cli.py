@@ -39,6 +39,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
 EXIT_UNAVAILABLE = 4
+EXIT_DENIED = 5
 
 DESCRIPTION = """\
 Send a PNG, JPEG or DICOM image (decoded by the server) with an optional region prompt to a
@@ -109,6 +110,7 @@ exit codes:
      on stderr; folder: at least one file was rejected, see its "error")
   4  the server or model is unreachable, not ready, or did not answer within --timeout
      (folder: the batch stops at the first unreachable-server error)
+  5  the server refused the caller: no API key or a wrong one (see --api-key-file)
 
 No patient data is printed: DICOM tags are never printed, and with --decode-locally never sent;
 in folder mode file names appear only relative to the folder.
@@ -510,6 +512,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if exc.unavailable:
             _err(_unavailable(args.url, exc))
             return EXIT_UNAVAILABLE
+        if exc.denied:
+            _err(f"refused by the server: {exc.message}")
+            return EXIT_DENIED
         _err(f"error: {exc}")
         return EXIT_ERROR
     except InputError as exc:
@@ -668,6 +673,10 @@ async def run_folder(
                         report.close()
                         _err(_unavailable(args.url, exc) + "; batch stopped")
                         return EXIT_UNAVAILABLE
+                    if isinstance(exc, MedPClipError) and exc.denied:
+                        report.close()  # every other file would be refused the same way
+                        _err(f"refused by the server: {exc.message}; batch stopped")
+                        return EXIT_DENIED
                     rejected = isinstance(exc, InputError) or (
                         isinstance(exc, MedPClipError) and exc.invalid_input
                     )

@@ -122,6 +122,11 @@ class MedPClipError(Exception):
         return self.status == STATUS_INVALID_ARGUMENT
 
     @property
+    def denied(self) -> bool:
+        """The server refused the caller: no or a wrong API key, or an admin-only method."""
+        return self.status in ("StatusCode.UNAUTHENTICATED", "StatusCode.PERMISSION_DENIED")
+
+    @property
     def unavailable(self) -> bool:
         """The server or model could not be reached, is not loaded, or did not answer in time."""
         return self.status in STATUS_UNAVAILABLE

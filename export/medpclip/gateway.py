@@ -102,7 +102,7 @@ class Keys:
         is_admin = self.admin is not None and token is not None and hmac.compare_digest(
             token, self.admin
         )
-        if method in INFERENCE:
+        if method in INFERENCE or method == STREAMING:
             if self.api is None or is_admin:
                 return None
             if token is not None and hmac.compare_digest(token, self.api):
