@@ -146,6 +146,28 @@ def test_launcher_reports_a_broken_repository(tmp_path):
         server.stop()
 
 
+def test_serve_prints_the_cause_of_a_failed_start_and_keeps_old_logs(tmp_path):
+    """An operator sees why Triton did not start (the model's SyntaxError, a config that does
+    not parse), and a second start appends to the log instead of erasing the evidence."""
+    repo = tmp_path / "repo"
+    for name, config, code in (
+        ("syntax", 'backend: "python"\nmax_batch_size: 0\n', "def initialize(self:\n"),
+        ("protobuf", 'backend: "python"\nmax_batch_size: zero\n', "pass\n"),
+    ):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(config)
+        (repo / name / "1" / "model.py").write_text(code)
+    log = tmp_path / "triton.log"
+    argv = [sys.executable, "-m", "medpclip.serve", f"--repository={repo}", f"--log-file={log}"]
+    argv += ["--grpc-port=0", "--http-port=0", "--metrics-port=0", "--startup-timeout=60"]
+    for run in (1, 2):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr[-2000:]
+        cause = r.stderr.split("cause, from", 1)[-1].split("last lines of", 1)[0]
+        assert "SyntaxError" in cause and "zero" in cause, r.stderr[-3000:]
+        assert log.read_text().count("=== tritonserver starting") == run
+
+
 def test_readme_demo_runs(tmp_path, capsys):
     from medpclip import demo
 

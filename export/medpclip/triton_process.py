@@ -63,6 +63,8 @@ LOG_KEEP = 3
 # Lines of Triton's log that say why a start failed (glog's E prefix, python tracebacks of a
 # model's initialize(), protobuf parse errors).
 _CAUSE_MARKERS = ("Error", "error:", "Traceback", "InvalidProtobuf", "failed to load", "Signal (")
+# ... except what every start on a machine without a GPU logs, whatever the cause
+_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory", "CUDA driver")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +303,9 @@ def causes(path: Path, start: int = 0, limit: int = 30) -> list[str]:
             for line in f:
                 line = line.rstrip("\n")
                 is_error = line[:1] == "E" and line[1:5].isdigit()  # glog: E1130 12:00:00...
+                if any(h in line for h in _HARMLESS):
+                    in_traceback = False
+                    continue
                 if is_error or any(m in line for m in _CAUSE_MARKERS):
                     found.append(line)
                     in_traceback = "Traceback" in line
@@ -334,7 +339,7 @@ def _startup_failure(what: str, log_file: Path, start: int) -> str:
     cause = "\n".join(f"  {line}" for line in found) if found else "  (no error line logged)"
     return (
         f"{what}\ncause, from {log_file}:\n{cause}\n"
-        f"last lines of {log_file}:\n{_tail(log_file, start=start)}"
+        f"last lines of {log_file}:\n{_tail(log_file, lines=12, start=start)}"
     )
 
 
