@@ -20,7 +20,7 @@ from medpclip_client import cli, imaging
 from . import export
 from .evaluate import centre_point
 from .phantoms import CANONICAL, WINDOW, Phantom, phantoms, to_dicom
-from .serve import TritonServer
+from .serve import ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = [(230, 60, 60), (60, 200, 90), (70, 130, 240)]
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
-    print("\n== 2. start Triton (bundled tritonserver, python backend, 127.0.0.1) ==")
+    print("\n== 2. start the server (python -m medpclip.serve: gateway + Triton, 127.0.0.1) ==")
     masks, points = [], []
-    with TritonServer(args.out / "model_repository") as server:
-        print(f"ready: gRPC {server.grpc_url}")
+    with ServeProcess(args.out / "model_repository") as server:
+        print(server.ready_line)
         for step, f in zip("ab", findings, strict=True):
             x, y = centre_point(f)
             mask_path = demo / f"mask_{step}.png"

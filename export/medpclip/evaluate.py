@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(args.url, args.images, args.seed)
     else:
         from . import export
-        from .serve import TritonServer
+        from .serve import ServeProcess
 
         if export.main(["--out", str(args.out), "--skip-parity"]) != 0:
             return 1
-        with TritonServer(args.out / "model_repository") as server:
+        with ServeProcess(args.out / "model_repository") as server:
             scores = evaluate(server.grpc_url, args.images, args.seed)
     print(json.dumps(scores, indent=2) if args.json else report(scores))
     return 0
