@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,9 @@ class Canary:
     that hangs is noticed by its age instead. The label changes every time so that Triton's
     response cache cannot answer for a dead text path."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, metrics_url: str | None = None) -> None:
         self.url = url
+        self.metrics_url = metrics_url
         self.models: list[str] = []
         self.count = 0
         self.started: float | None = None  # when the running canary began
@@ -89,17 +91,68 @@ class Canary:
             self.models = [m for m in D.MODELS if m in loaded]
         return self._client
 
-    async def progress(self) -> int | None:
-        """Requests Triton has completed, all models together (None if it cannot say)."""
+    async def progress(self) -> dict[str, tuple[int, int]] | None:
+        """(successes, failures) so far per model (None if Triton cannot say)."""
         try:
             client = await self._connect()
             stats = await client.triton.get_inference_statistics()
         except Exception:  # noqa: BLE001 - a health probe reports, it does not raise
             return None
-        return sum(
-            s.inference_stats.success.count + s.inference_stats.fail.count
+        return {
+            s.name: (s.inference_stats.success.count, s.inference_stats.fail.count)
             for s in stats.model_stats
+        }
+
+    async def pending(self) -> dict[str, float]:
+        """Requests queued per model (Triton's nv_inference_pending_request_count gauge);
+        empty if the metrics cannot be read."""
+        if self.metrics_url is None:
+            return {}
+
+        def scrape() -> str:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+                return r.read().decode(errors="replace")
+
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, scrape)
+        except OSError:
+            return {}
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("nv_inference_pending_request_count{"):
+                labels, _, value = line.rpartition(" ")
+                model = labels.split('model="', 1)[-1].split('"', 1)[0]
+                found[model] = float(value)
+        return found
+
+    async def wedged(self, before: dict[str, tuple[int, int]] | None) -> bool:
+        """Called when a canary is overdue: is anything stuck, rather than merely busy?
+        Stuck: Triton completed nothing at all since the canary started, or a model has
+        requests queued and completed none of them. Under heavy but healthy load every model
+        still completes requests, so a slow canary alone never restarts a busy server."""
+        now = await self.progress()
+        if now is None or before is None:
+            return True
+        if self.completed(now) == self.completed(before):
+            return True
+        pending = await self.pending()
+        return any(
+            pending.get(m, 0) > 0 and sum(now[m]) == sum(before.get(m, (0, 0))) for m in now
         )
+
+    @staticmethod
+    def completed(progress: dict[str, tuple[int, int]] | None) -> int | None:
+        return None if progress is None else sum(a + b for a, b in progress.values())
+
+    @staticmethod
+    def traffic_proves_health(
+        before: dict[str, tuple[int, int]] | None, now: dict[str, tuple[int, int]] | None
+    ) -> bool:
+        """True when since ``before`` every model answered requests and none failed: real
+        traffic then says what a canary would, and the canary's compute is saved for it."""
+        if not before or not now or before.keys() != now.keys():
+            return False
+        return all(now[m][0] > before[m][0] and now[m][1] == before[m][1] for m in now)
 
     async def run(self) -> None:
         """One round; sets ``error`` (None when every loaded ensemble answered)."""
@@ -213,15 +266,19 @@ class Supervisor:
         o = self.opts
         last_canary = 0.0
         task: asyncio.Task | None = None
-        progress_at_start: int | None = None
+        progress_at_start: dict[str, tuple[int, int]] | None = None
         problem_since: float | None = None
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 problem = self._process_problem()
                 if problem is None and task is None and now - last_canary >= o.canary_interval_s:
-                    progress_at_start = await canary.progress()
-                    task = asyncio.ensure_future(canary.run())
+                    progress = await canary.progress()
+                    if canary.traffic_proves_health(progress_at_start, progress):
+                        canary.error = None
+                    else:
+                        task = asyncio.ensure_future(canary.run())
+                    progress_at_start = progress
                     last_canary = now
                 if task is not None and task.done():
                     task = None
@@ -232,8 +289,7 @@ class Supervisor:
                 if problem is None and canary.started is not None:
                     age = now - canary.started
                     if age > o.canary_timeout_s:
-                        progress = await canary.progress()
-                        if progress is None or progress == progress_at_start:
+                        if await canary.wedged(progress_at_start):
                             problem = f"wedged: a canary request unanswered for {age:.0f} s"
                 if problem is None:
                     problem_since = None
@@ -281,7 +337,8 @@ class Supervisor:
                     backoff = min(backoff * 2, 60)
                     continue
                 failed_starts = 0
-                await self._watch(Canary(self.triton.grpc_url), stop)
+                metrics = self.triton.metrics_url.replace("0.0.0.0", "127.0.0.1")
+                await self._watch(Canary(self.triton.grpc_url, metrics), stop)
                 if stop.is_set():
                     break
                 problem = self.health.problem
