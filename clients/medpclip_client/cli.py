@@ -26,6 +26,7 @@ from .client import (
     Result,
     RetryPolicy,
     load_mask,
+    read_key_file,
     save_mask,
 )
 from .dicom import WINDOW_PRESETS, local_request
@@ -450,12 +451,9 @@ def read_api_key(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        key = Path(path).read_text().strip()
-    except OSError as exc:
-        raise SystemExit(f"{PROG}: cannot read --api-key-file {path}: {exc.strerror}") from None
-    if not key:
-        raise SystemExit(f"{PROG}: --api-key-file {path} is empty")
-    return key
+        return read_key_file(path)
+    except ValueError as exc:
+        raise SystemExit(f"{PROG}: --api-key-file: {exc}") from None
 
 
 def image_input(

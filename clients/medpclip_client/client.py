@@ -380,6 +380,20 @@ def parse_text(response: Any) -> np.ndarray:
     return np.array(out)
 
 
+def read_key_file(path: str | Path) -> str:
+    """A key from a file: its one line, surrounding whitespace stripped. ValueError if the
+    file cannot be read or is empty (a server or client started without its intended key must
+    not carry on silently). The key itself is never part of a message."""
+    try:
+        key = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ValueError(f"cannot read key file {path}: {reason}") from None
+    if not key:
+        raise ValueError(f"key file {path} is empty")
+    return key
+
+
 # --- retries, deadlines, connection options (shared by the sync and asyncio clients) ----------
 
 

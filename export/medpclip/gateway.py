@@ -38,6 +38,8 @@ from pathlib import Path
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
+from medpclip_client.client import read_key_file
+
 from .deployment import AUTH_HEADER
 
 __all__ = ["Gateway", "HealthState", "Keys", "TlsFiles", "read_key"]
@@ -63,18 +65,8 @@ _TRANSIENT = ("is not healthy", "Stub process", "Failed to connect", "Socket clo
 
 
 def read_key(path: Path | str | None) -> bytes | None:
-    """A key from a file (one line; surrounding whitespace is not part of it). None if no path.
-    An empty or unreadable file is an error: a server started without its intended key would
-    silently be open."""
-    if path is None:
-        return None
-    try:
-        key = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
-    if not key:
-        raise ValueError(f"key file {path} is empty")
-    return key
+    """The key in ``path`` (see ``read_key_file``), None without a path."""
+    return None if path is None else read_key_file(path).encode()
 
 
 @dataclass(frozen=True)
