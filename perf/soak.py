@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -360,9 +361,10 @@ class MemorySample:
     processes: int
     by_name: dict[str, dict[str, float]] = field(default_factory=dict)
     pids: frozenset[int] = frozenset()
+    cache: dict[str, float] | None = None  # Triton's response-cache gauges, at both ends
 
 
-def memory_sample(pid: int, t: float, breakdown: bool = False) -> MemorySample | None:
+def memory_sample(pid: int, t: float) -> MemorySample | None:
     """RSS of `pid` and all its descendants (launcher, gateway, tritonserver, backend stubs);
     None once `pid` is gone. Shared pages (libraries, shm) count once per process that maps
     them: this is an upper bound, but a steady one, which is what growth needs."""
@@ -379,11 +381,67 @@ def memory_sample(pid: int, t: float, breakdown: bool = False) -> MemorySample |
             continue
         total, count = total + rss, count + 1
         pids.add(p.pid)
-        if breakdown:
-            entry = names.setdefault(_label(p), {"count": 0, "rss_mb": 0.0})
-            entry["count"] += 1
-            entry["rss_mb"] = round(entry["rss_mb"] + rss / MB, 1)
+        entry = names.setdefault(_label(p), {"count": 0, "rss_mb": 0.0})
+        entry["count"] += 1
+        entry["rss_mb"] = round(entry["rss_mb"] + rss / MB, 1)
     return MemorySample(t, total, count, names, frozenset(pids))
+
+
+# Triton's response cache (the text ensemble's) fills with every new label set until its size
+# is reached: bounded growth that is not a leak, so it is measured apart.
+CACHE_GAUGES = ("nv_cache_num_entries", "nv_cache_util", "nv_cache_num_evictions")
+
+
+def scrape_cache(metrics_url: str) -> dict[str, float] | None:
+    """The global response-cache gauges from Triton's Prometheus page, None if unreadable."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as r:
+            text = r.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in CACHE_GAUGES:
+            found[name] = float(value)
+    return found or None
+
+
+def cache_size_bytes() -> int | None:
+    """The response-cache size every deployment passes to tritonserver (medpclip.deployment);
+    None when that module is not importable here."""
+    try:
+        from medpclip.deployment import SERVER_FLAGS
+    except ImportError:
+        return None
+    for flag in SERVER_FLAGS:
+        found = re.search(r"--cache-config=local,size=(\d+)", flag)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def cache_stats(start: MemorySample | None, end: MemorySample | None) -> dict[str, Any] | None:
+    """Response-cache entries and fill after warm-up, and the RSS growth left without it."""
+    if start is None or end is None or not start.cache or not end.cache:
+        return None
+    a, b = start.cache, end.cache
+    size = cache_size_bytes()
+    filled = None
+    if size is not None and "nv_cache_util" in a and "nv_cache_util" in b:
+        filled = (b["nv_cache_util"] - a["nv_cache_util"]) * size
+    return {
+        "entries_start": a.get("nv_cache_num_entries"),
+        "entries_end": b.get("nv_cache_num_entries"),
+        "evictions_end": b.get("nv_cache_num_evictions"),
+        "util_start": a.get("nv_cache_util"),
+        "util_end": b.get("nv_cache_util"),
+        "size_mb": None if size is None else round(size / MB, 1),
+        "filled_mb": None if filled is None else round(filled / MB, 2),
+        "growth_pct_without_cache": None
+        if filled is None
+        else round((end.rss - start.rss - filled) / start.rss * 100, 2),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +470,7 @@ class ManagedServer:
     def __init__(self, repository: Path, log_file: Path, startup_s: float, stop_s: float) -> None:
         grpc_port, http_port, metrics_port = _free_ports(3)
         self.url = f"127.0.0.1:{grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.command = [
             sys.executable,
             "-m",
@@ -461,6 +520,8 @@ class ManagedServer:
             if line.startswith(READY_PREFIX):
                 found = re.search(r"gRPC (\S+?),?(?:\s|$)", line)
                 self.url = found.group(1) if found else self.url
+                found = re.search(r"metrics (http\S+)", line)
+                self.metrics_url = found.group(1) if found else self.metrics_url
                 self._ready.set()
 
     def stop(self) -> int | None:
@@ -498,6 +559,7 @@ def managed(cfg: Config, report: dict[str, Any]) -> Iterator[tuple[str, int]]:
     print(f"soak: starting {' '.join(server.command)} (log: {log})", flush=True)
     server.start()
     report["server"] = {"command": server.command, "log": str(log)}
+    cfg.metrics_url = cfg.metrics_url or server.metrics_url
     try:
         yield server.url, server.pid
     finally:
@@ -527,6 +589,7 @@ class Config:
     startup_s: float = 300.0
     stop_s: float = 60.0
     max_growth_pct: float = TARGET_GROWTH_PCT
+    metrics_url: str | None = None  # Triton's /metrics, for the response cache
 
     @property
     def duration_s(self) -> float:
@@ -551,9 +614,11 @@ def sample_memory(
         is_base = baseline is None and now >= warm_t
         is_end = now >= end_t
         if is_base or is_end or now >= next_t:
-            s = memory_sample(pid, round(now, 2), breakdown=is_base or is_end)
+            s = memory_sample(pid, round(now, 2))
             if s is None:
                 return samples, baseline, end_sample, f"server process {pid} is gone"
+            if (is_base or is_end) and cfg.metrics_url:
+                s.cache = scrape_cache(cfg.metrics_url)
             samples.append(s)
             baseline = s if is_base else baseline
             if is_end:
@@ -666,6 +731,25 @@ def tree_changes(after: Sequence[MemorySample]) -> dict[str, int]:
     return {"appeared": len(seen - base), "gone": len(gone)}
 
 
+def growth_by_name(start: MemorySample | None, end: MemorySample | None) -> dict[str, float]:
+    """MB gained per process name between the end of warm-up and the end."""
+    if start is None or end is None:
+        return {}
+    names = set(start.by_name) | set(end.by_name)
+    mb = {
+        n: (end.by_name.get(n, {}).get("rss_mb", 0), start.by_name.get(n, {}).get("rss_mb", 0))
+        for n in names
+    }
+    return {n: round(e - s, 1) for n, (e, s) in sorted(mb.items())}
+
+
+def series_by_name(samples: Sequence[MemorySample]) -> dict[str, list[float | None]]:
+    """RSS per process name at every sample (aligned with `samples`), to see which process
+    grows and whether it levels off."""
+    names = sorted({n for s in samples for n in s.by_name})
+    return {n: [s.by_name[n]["rss_mb"] if n in s.by_name else None for s in samples] for n in names}
+
+
 def memory_stats(
     samples: Sequence[MemorySample], baseline: MemorySample | None, end: MemorySample | None
 ) -> dict[str, Any]:
@@ -685,6 +769,9 @@ def memory_stats(
         "end_at_s": None if end is None else end.t,
         "breakdown_start": None if baseline is None else baseline.by_name,
         "breakdown_end": None if end is None else end.by_name,
+        "growth_by_name": growth_by_name(baseline, end),
+        "response_cache": cache_stats(baseline, end),
+        "series_mb": series_by_name(samples),
         "samples": [[s.t, round(s.rss / MB, 1), s.processes] for s in samples],
     }
 
@@ -740,6 +827,20 @@ def _breakdown(by_name: dict[str, dict[str, float]] | None) -> str:
     return "; ".join(f"{name} x{int(v['count'])} {v['rss_mb']:.0f} MB" for name, v in rows)
 
 
+def _print_cache(c: dict[str, Any] | None) -> None:
+    if c is None:
+        return
+
+    def n(v: float | None) -> str:  # a gauge the server did not expose prints as "?"
+        return "?" if v is None else f"{v:.0f}"
+
+    print(
+        f"  response cache: {n(c['entries_start'])} -> {n(c['entries_end'])} entries "
+        f"({n(c['evictions_end'])} evictions), +{c['filled_mb']} MB of {c['size_mb']} MB; "
+        f"RSS growth without it {c['growth_pct_without_cache']} % (not judged)"
+    )
+
+
 def print_report(report: dict[str, Any], misses: Sequence[str]) -> None:
     req, mem, lat = report["requests"], report["memory"], report["requests"]["latency_ms"]
     cfg = report["config"]
@@ -765,6 +866,9 @@ def print_report(report: dict[str, Any], misses: Sequence[str]) -> None:
     )
     print(f"  start: {_breakdown(mem['breakdown_start'])}")
     print(f"  end:   {_breakdown(mem['breakdown_end'])}")
+    grown = ", ".join(f"{n} {d:+.1f}" for n, d in mem["growth_by_name"].items())
+    print(f"  growth (MB): {grown or '-'}")
+    _print_cache(mem["response_cache"])
     for status, examples in req["failure_examples"].items():
         print(f"  e.g. {status}: {examples[0]}")
     if misses:
@@ -790,7 +894,9 @@ as a failed request. Client retries are off, so every UNAVAILABLE is counted.
 Memory: RSS summed over the server's process and all its descendants (launcher, gateway,
 tritonserver, python backend stubs), sampled every --interval seconds; the baseline is taken
 at the end of warm-up, growth is end vs baseline in percent, with the peak, a least-squares
-trend (MB/h) and a per-process-name breakdown at both ends.
+trend (MB/h) and a per-process-name breakdown at both ends. Triton's response cache fills
+with every new label set up to its size (bounded, not a leak): with --metrics-url (automatic with
+--repository) its fill is reported, and the growth without it, for information.
 
 Targets: 0 failed requests and RSS growth below --max-growth percent after warm-up (and, with
 --repository, a clean exit of the server on SIGTERM).
@@ -889,6 +995,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="gRPC metadata for every call, e.g. authorization='Bearer KEY'",
     )
+    p.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help="Triton's http://HOST:PORT/metrics, to report the response cache's fill apart "
+        "(default with --repository: our server's; without: not read)",
+    )
     p.add_argument("--seed", type=int, default=0, help="task-mix random seed (default: 0)")
     p.add_argument(
         "--server-log",
@@ -930,6 +1042,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
         pid=a.pid,
         repository=repository,
         server_log=a.server_log,
+        metrics_url=a.metrics_url,
         max_growth_pct=a.max_growth,
     )
     return cfg, a.json

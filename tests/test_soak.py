@@ -27,7 +27,8 @@ from medpclip_client import MedPClipError  # noqa: E402
 def test_soak_smoke_has_no_failures_and_measures_rss(server, tmp_path):
     out = tmp_path / "soak.json"
     argv = ["--url", server.grpc_url, "--pid", str(server.pid), "--minutes", "0.3"]
-    code = soak.main([*argv, "--interval", "2", "--json", str(out)])
+    argv += ["--metrics-url", server.metrics_url, "--interval", "2", "--json", str(out)]
+    code = soak.main(argv)
     report = json.loads(out.read_text())
 
     req = report["requests"]
@@ -44,6 +45,10 @@ def test_soak_smoke_has_no_failures_and_measures_rss(server, tmp_path):
     assert len(mem["samples"]) >= 5
     assert any("tritonserver" in name for name in mem["breakdown_start"])
     assert mem["breakdown_end"] and mem["processes_changed"] == {"appeared": 0, "gone": 0}
+    assert any("tritonserver" in name for name in mem["growth_by_name"])
+    assert all(len(v) == len(mem["samples"]) for v in mem["series_mb"].values())
+    cache = mem["response_cache"]  # fresh label sets were sent: the cache gained entries
+    assert cache["entries_end"] > cache["entries_start"] and cache["filled_mb"] is not None
 
     # only the RSS target may be missed in a run this short; anything else is a real failure
     assert all(m.startswith("RSS grew") for m in report["misses"]), report["misses"]
