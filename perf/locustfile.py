@@ -6,6 +6,12 @@ A mix of what clients do: region classification against a label list, embeddings
 interactive segmentation, on phantom CT slices sent as DICOM; every answer is checked.
 The load ramps in stages (`RampShape`) and the run ends by itself after the last one; set
 MEDPCLIP_RAMP="users:seconds,..." to change them (e.g. "2:6" for a few-second smoke test).
+
+A server with TLS and an API key (python -m medpclip.serve --tls-cert ... --api-key-file ...):
+MEDPCLIP_ROOT_CERT=<CA file> turns TLS on and verifies the server with that CA;
+MEDPCLIP_API_KEY_FILE=<file> holds the key sent as "authorization: Bearer <key>". Both are file
+paths, as Kubernetes and compose mount secrets (deploy/k8s/base/locust-job.yaml,
+deploy/compose/tls.yml); without a key file the client falls back to MEDPCLIP_API_KEY.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from locust import LoadTestShape, User, between, events, task  # noqa: E402
@@ -27,16 +37,62 @@ from medpclip_client import MedPClipClient, Region  # noqa: E402
 
 CASES = [(to_dicom(p, i), p) for i, p in enumerate(phantoms(seed=4242, count=8))]
 
+ROOT_CERT_ENV = "MEDPCLIP_ROOT_CERT"
+API_KEY_FILE_ENV = "MEDPCLIP_API_KEY_FILE"
+LOG = logging.getLogger("medpclip.locust")
+
+
+def connection_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """MedPClipClient options for TLS and the API key, from the files the environment names.
+
+    Paths, never values: a key in an environment variable shows in pod specs and `ps e`.
+    Called once at import, so the key file is read once for all users, and a missing or empty
+    file stops the run before it starts: otherwise every user's on_start would fail, locust
+    would report 0 requests and 0 failures, and a broken secret mount would look like success.
+    The key itself is never logged or put in an error message."""
+    options: dict[str, Any] = {}
+    cert = environ.get(ROOT_CERT_ENV) or None
+    if cert is not None:
+        if not Path(cert).is_file():
+            raise SystemExit(f"{ROOT_CERT_ENV}={cert}: no such file (the CA certificate)")
+        options["root_certificates"] = cert
+    key_file = environ.get(API_KEY_FILE_ENV) or None
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text().strip()  # a trailing newline is not part of it
+        except OSError as exc:
+            raise SystemExit(
+                f"{API_KEY_FILE_ENV}={key_file}: cannot read: {exc.strerror}"
+            ) from None
+        if not key:
+            raise SystemExit(f"{API_KEY_FILE_ENV}={key_file}: the file is empty")
+        options["api_key"] = key
+    LOG.info(
+        "gRPC %s, API key %s",
+        f"over TLS (CA {cert})" if cert else "in plaintext",
+        f"from {key_file}" if key_file else "none (or MEDPCLIP_API_KEY)",
+    )
+    return options
+
+
+CONNECTION = connection_options()
+
 
 class MedPClipUser(User):
     wait_time = between(0.05, 0.2)
 
     def on_start(self) -> None:
-        self.client = MedPClipClient(self.host or "127.0.0.1:8001", timeout_s=30)
+        self.client = MedPClipClient(self.host or "127.0.0.1:8001", timeout_s=30, **CONNECTION)
         self.rng = np.random.default_rng()
 
     def on_stop(self) -> None:
+        triton = self.client.triton
         self.client.close()
+        # tritonclient's __del__ closes the gRPC channel again; when that happens during
+        # interpreter shutdown, with gevent's hub gone, grpc deadlocks on a mutex and locust
+        # hangs after printing its summary (about 1 run in 4, plaintext or TLS). Closed once,
+        # here, while gevent still runs: the second close becomes a no-op.
+        triton.close = lambda: None
 
     def _call(self, name: str, fn) -> None:
         start = time.perf_counter()

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from medpclip.serve import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
@@ -60,3 +66,69 @@ def test_locust_smoke_has_no_failures(server, tmp_path):
         total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     assert int(total["Request Count"]) > 10
     assert int(total["Failure Count"]) == 0
+
+
+def test_locust_smoke_over_tls_with_an_api_key(build_dir, tmp_path):
+    """The load test as Kubernetes and compose run it against a TLS server that needs a key:
+    the CA and the key come as file paths (MEDPCLIP_ROOT_CERT, MEDPCLIP_API_KEY_FILE). With
+    both, no failures; without the key file the server refuses every request, and the smoke
+    must say so (failures) rather than pass. The key never shows in locust's output."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a self-signed certificate")
+    cert, key, key_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api-key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    api_key = "perf-" + secrets.token_hex(8)
+    key_file.write_text(api_key + "\n")
+    # no key from the developer's environment: the refused run must really send none
+    ours = {"MEDPCLIP_API_KEY", "MEDPCLIP_API_KEY_FILE"}
+    base = {k: v for k, v in os.environ.items() if k not in ours}
+    base["MEDPCLIP_ROOT_CERT"] = str(cert)
+
+    def smoke(
+        name: str, env: dict[str, str]
+    ) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+        r = subprocess.run(
+            [
+                sys.executable, "-m", "locust", "-f", str(ROOT / "perf" / "locustfile.py"),
+                "--headless", "--host", server.grpc_url, "--csv", str(tmp_path / name),
+                "--only-summary",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        stats = tmp_path / f"{name}_stats.csv"
+        assert stats.is_file(), r.stderr[-2000:]
+        with open(stats) as f:
+            total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+        failures = tmp_path / f"{name}_failures.csv"
+        shown = r.stdout + r.stderr + (failures.read_text() if failures.is_file() else "")
+        assert api_key not in shown
+        return r, total
+
+    args = ["--tls-cert", str(cert), "--tls-key", str(key), "--api-key-file", str(key_file)]
+    with ServeProcess(
+        build_dir / "model_repository", args=args, log_file=tmp_path / "serve.log"
+    ) as server:
+        r, total = smoke(
+            "tls", dict(base, MEDPCLIP_RAMP="2:6", MEDPCLIP_API_KEY_FILE=str(key_file))
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert int(total["Request Count"]) > 10
+        assert int(total["Failure Count"]) == 0
+
+        r, total = smoke("no_key", dict(base, MEDPCLIP_RAMP="2:3"))
+        assert r.returncode != 0  # locust exits 1 when any request failed
+        assert int(total["Request Count"]) > 0
+        assert int(total["Failure Count"]) == int(total["Request Count"])
+        assert "API key" in (tmp_path / "no_key_failures.csv").read_text()
