@@ -17,6 +17,7 @@ from orthanc import (
     conformant_ct,
     free_port,
     missing,
+    part10,
     with_unsupported_syntax,
     without_geometry,
     without_pixel_data,
@@ -26,7 +27,7 @@ from medpclip import export
 from medpclip.evaluate import centre_point
 from medpclip.phantoms import CANONICAL, phantoms, to_dicom
 from medpclip.serve import TritonServer
-from medpclip_client import MedPClipClient, Region
+from medpclip_client import MedPClipClient, Region, imaging
 from medpclip_client.pacs import LOCAL_SCHEME, label_concept
 from medpclip_client.pacs.cli import main
 
@@ -34,6 +35,37 @@ pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
 PHANTOM_DATE = "20240102"  # the query's phantoms; everything else is dated otherwise
 N_PHANTOMS = 4
+
+
+def _copy(data: bytes):
+    """A dataset of `data` with new Series and SOP Instance UIDs (the archive keeps both)."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def truncated_native(data: bytes) -> bytes:
+    """An uncompressed image whose Pixel Data holds half the bytes its size needs (a transfer
+    cut short, re-encoded with a consistent length, which archives store as it is)."""
+    ds = _copy(data)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    return part10(ds)
+
+
+def truncated_jpeg(data: bytes) -> bytes:
+    """An encapsulated single-frame image whose compressed frame is cut in half."""
+    from pydicom.encaps import encapsulate, generate_fragmented_frames
+
+    ds = _copy(data)
+    frame = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    return part10(ds)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +85,11 @@ def archive(tmp_path_factory):
 
     files: dict[str, bytes] = {
         name: Path(get_testdata_file(f"{name}.dcm")).read_bytes()
-        for name in ("CT_small", "MR_small", "test-SR")
+        for name in ("CT_small", "MR_small", "test-SR", "JPEG-lossy")
     }
     files["no_pixels"] = without_pixel_data(files["CT_small"])
+    files["truncated"] = truncated_native(files["CT_small"])
+    files["truncated_jpeg12"] = truncated_jpeg(files["JPEG-lossy"])
     files["jpeg_xl"] = with_unsupported_syntax(files["CT_small"])
     slices = phantoms(seed=2024, count=N_PHANTOMS)
     for i, p in enumerate(slices):
@@ -208,6 +242,39 @@ def test_run_box_on_a_real_ct_stores_only_the_sr(archive, triton_url, capsys):
     )
 
 
+def test_run_decodes_12_bit_jpeg_like_the_server(archive, triton_url, capsys, monkeypatch):
+    """12-bit JPEG Extended, which pydicom's own plugins cannot read: the bridge decodes it with
+    the client's shared helper (GDCM), as the server does, so the archive is asked for the
+    instance once, as stored, and never to transcode it."""
+    from pydicom.pixels import get_decoder
+
+    from medpclip_client.pacs.dicomweb import DicomWeb
+
+    if not imaging.is_available(imaging.JPEG_EXTENDED_12BIT):
+        pytest.skip("python-gdcm is not installed: no 12-bit JPEG decoder")
+    # A fresh medpclip-pacs process starts without the GDCM plugin in pydicom's (global)
+    # registry; earlier tests in this one may have added it: start as that process does.
+    decoder = get_decoder(imaging.JPEG_EXTENDED_12BIT)
+    if imaging._GDCM_12BIT in decoder.available_plugins:
+        decoder.remove_plugin(imaging._GDCM_12BIT)
+    orthanc, uids, _ = archive
+    retrieve, asked = DicomWeb.retrieve, []
+
+    def counting_retrieve(self, ref, *args, **kwargs):
+        asked.append((args, kwargs))
+        return retrieve(self, ref, *args, **kwargs)
+
+    monkeypatch.setattr(DicomWeb, "retrieve", counting_retrieve)
+    before = orthanc.count_instances()
+    argv = ["run", "--dicomweb", orthanc.dicomweb, *_address(uids, "JPEG-lossy")]
+    argv += ["--point", "128,512", "--triton", triton_url, "--json", "--labels", "a", "b"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert asked == [((), {})]  # no second retrieve with a transcoding media type
+    assert json.loads(out)["label"] in ("a", "b")
+    assert orthanc.count_instances() == before + 1  # the SR
+
+
 def test_query_processes_all_ct_phantoms_once_with_bounded_concurrency(
     archive, triton_url, capsys, tmp_path
 ):
@@ -296,6 +363,14 @@ def _error_cases():
     yield "unknown-uid", unknown, 5, "not in the archive"
     yield "sr-instance", run("test-SR"), 3, "not an image"
     yield "no-pixel-data", run("no_pixels"), 3, "no pixel data"
+    # said before any decoding (and without a transcoding attempt), not "install a decoder"
+    yield "truncated", run("truncated"), 3, "pixel data is truncated: expected 32768 bytes"
+    yield (
+        "truncated-12-bit-jpeg",
+        run("truncated_jpeg12"),
+        3,
+        "may be corrupt or truncated, and the archive did not transcode it",
+    )
     yield "unsupported-syntax", run("jpeg_xl"), 3, f"{JPEG_XL_LOSSLESS} (JPEG XL"
     yield (
         "no-seg-possible",

@@ -4,8 +4,9 @@ back (STOW-RS) as an SR and, on request, a SEG.
 Order of work, and why:
 
 1. fetch the instance in its stored transfer syntax;
-2. validate it BEFORE any inference: an image SOP class, pixel data present, a single frame, a
-   transfer syntax an installed pydicom decoder can read (else the archive is asked once to
+2. validate it BEFORE any inference: an image SOP class, pixel data present and not cut short,
+   a single frame, pixel data the installed decoders read, decoded as the server decodes it
+   (`imaging.decode_pixel_data`: GDCM for 12-bit JPEG; else the archive is asked once to
    transcode to Explicit VR Little Endian), and, when a mask is wanted, that a SEG can reference
    it (a dry run of highdicom). Refusals cost no inference and store nothing;
 3. infer through `MedPClipClient` with the instance's Part 10 bytes (the server decodes them
@@ -41,7 +42,7 @@ from pydicom import Dataset
 from pydicom.uid import UID
 
 from ..client import DEFAULT_URL, MedPClipClient, MedPClipError, Region, Result
-from ..imaging import InputError
+from ..imaging import InputError, check_pixel_data, decode_pixel_data, register_gdcm_12bit
 from .dicomweb import EXPLICIT_LE, DicomWeb, ErrorKind, InstanceRef, PacsError
 from .reports import Finding, build_seg, build_sr, check_seg_possible, region_graphic
 
@@ -165,38 +166,70 @@ class Outcome:
 # --- validation -------------------------------------------------------------------------------
 
 
-def _undecodable(ds: Dataset) -> str | None:
-    """None if an installed pydicom decoder reads the pixel data, else why not."""
+@dataclass(frozen=True)
+class _Unreadable:
+    """Why the installed decoders cannot read an instance's pixel data. `corrupt`: they tried
+    and failed (a damaged or truncated file: installing more will not help), as opposed to no
+    decoder being installed for its transfer syntax."""
+
+    reason: str
+    corrupt: bool = False
+
+
+def _undecodable(ds: Dataset) -> _Unreadable | None:
+    """None if the installed decoders read the pixel data, else why not. Decodes with the
+    client's shared helper, as the server does (GDCM first for 12-bit JPEG Extended, which
+    pydicom's own plugins cannot read), so the bridge neither refuses what the server reads
+    nor asks the archive to transcode it."""
     from pydicom.pixels import get_decoder
 
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
-        return "its file meta information names no transfer syntax"
+        return _Unreadable("its file meta information names no transfer syntax")
     ts = str(ts)
+    register_gdcm_12bit()  # before asking what is installed: GDCM may be its only 12-bit decoder
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        return (
+        return _Unreadable(
             f"its transfer syntax {_syntax_name(ts)} has no pixel data decoder in pydicom "
             f"{pydicom.__version__}"
         )
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
-        return (
+        return _Unreadable(
             f"its transfer syntax {_syntax_name(ts)} needs a decoder that is not installed: "
             f"{missing}"
         )
     try:
-        ds.pixel_array  # noqa: B018 - decodes: corrupt or truncated data shows here
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types
-        return f"its pixel data in {_syntax_name(ts)} could not be decoded ({type(exc).__name__})"
+        decode_pixel_data(ds)
+    except InputError:  # its message speaks to a client sending a file; ours names the archive
+        plugins = ", ".join(decoder.available_plugins)
+        return _Unreadable(
+            f"its pixel data in {_syntax_name(ts)} could not be decoded by the installed "
+            f"decoders ({plugins}): it may be corrupt or truncated",
+            corrupt=True,
+        )
     return None
+
+
+def _as_stored(exc: InputError) -> str:
+    """`check_pixel_data`'s message for an instance in an archive: its advice to a client
+    ("send the whole file") becomes advice about the archive's copy."""
+    message = str(exc)
+    for client_advice in ("; send the whole file", ": send the whole file"):
+        if message.endswith(client_advice):
+            return (
+                message.removesuffix(client_advice) + "; the archive holds an incomplete copy: "
+                "store the complete file again"
+            )
+    return message
 
 
 def validate(ds: Dataset, ref: InstanceRef, request: Request) -> None:
     """Refuse (PacsError, kind REFUSED) an instance the bridge cannot answer for, before any
-    inference. The transfer syntax check is separate (`Bridge._decodable`): it may re-fetch."""
+    inference. The decoding check is separate (`Bridge.fetch`): it may re-fetch."""
     sop = str(ds.get("SOPClassUID", "")) or None
     modality = str(ds.get("Modality", "")) or None
     what = UID(sop).name if sop else "unknown SOP class"
@@ -206,12 +239,20 @@ def validate(ds: Dataset, ref: InstanceRef, request: Request) -> None:
             "point --instance at an image instance (CT, MR, CR, DX, ...)",
             ErrorKind.REFUSED,
         )
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    try:
+        # shared with the server: pixel data cut short is called truncated, before any decoder
+        # runs (a decoder's own error would read as an unsupported transfer syntax)
+        check_pixel_data(ds)
+    except InputError as exc:
         raise PacsError(
-            f"instance {ref.instance} ({what}) has no pixel data: nothing to look at; "
-            "check that the archive stored the complete file",
+            f"instance {ref.instance} ({what}) cannot be read: {_as_stored(exc)}",
             ErrorKind.REFUSED,
-        )
+        ) from None
+    except ValueError:
+        # its last step (the uncompressed length) asks pydicom whether the transfer syntax is
+        # encapsulated, which raises for one pydicom does not know (JPEG XL in pydicom 3.0);
+        # the presence checks before it passed, and `_undecodable` names the syntax
+        pass
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or columns < 1:
         raise PacsError(
@@ -306,11 +347,11 @@ class Bridge:
         return PacsError(f"inference failed{where}: {exc}")
 
     def fetch(self, ref: InstanceRef, request: Request) -> Dataset:
-        """Steps 1-2: the validated instance, decodable by an installed pydicom decoder."""
+        """Steps 1-2: the validated instance, which the installed decoders read."""
         ds = self.pacs.retrieve(ref)
         validate(ds, ref, request)
-        reason = _undecodable(ds)
-        if reason is None:
+        unreadable = _undecodable(ds)
+        if unreadable is None:
             return ds
         # One chance for the archive to transcode (Orthanc can for JPEG-LS, JPEG 2000, ...).
         try:
@@ -322,10 +363,19 @@ class Bridge:
         if transcoded is not None and _undecodable(transcoded) is None:
             LOG.info("instance %s: using the archive's Explicit VR Little Endian copy", ref)
             return transcoded
+        archive = (
+            "the archive did not transcode it to Explicit VR Little Endian"
+            if transcoded is None
+            else "the archive's Explicit VR Little Endian copy cannot be read either"
+        )
+        remedy = (
+            "check that it opens in a DICOM viewer: if not, store the complete file again; "
+            "if it does, convert it (e.g. gdcmconv --raw)"
+            if unreadable.corrupt
+            else "convert it (e.g. dcmdjpeg, gdcmconv) or install a pydicom decoder plugin for it"
+        )
         raise PacsError(
-            f"instance {ref.instance} cannot be read: {reason}, and the archive did not "
-            "transcode it to Explicit VR Little Endian; convert it (e.g. dcmdjpeg, gdcmconv) "
-            "or install a pydicom decoder plugin for it",
+            f"instance {ref.instance} cannot be read: {unreadable.reason}, and {archive}; {remedy}",
             ErrorKind.REFUSED,
         )
 
