@@ -86,13 +86,10 @@ class MedPClipUser(User):
         self.rng = np.random.default_rng()
 
     def on_stop(self) -> None:
-        triton = self.client.triton
+        # Closed here, while gevent still runs: a close left to tritonclient's __del__ at
+        # interpreter exit deadlocks gRPC and hung about 1 locust run in 4 after its summary
+        # (MedPClipClient.close makes the second close a no-op).
         self.client.close()
-        # tritonclient's __del__ closes the gRPC channel again; when that happens during
-        # interpreter shutdown, with gevent's hub gone, grpc deadlocks on a mutex and locust
-        # hangs after printing its summary (about 1 run in 4, plaintext or TLS). Closed once,
-        # here, while gevent still runs: the second close becomes a no-op.
-        triton.close = lambda: None
 
     def _call(self, name: str, fn) -> None:
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from orthanc import (
 from medpclip import export
 from medpclip.evaluate import centre_point
 from medpclip.phantoms import CANONICAL, phantoms, to_dicom
-from medpclip.serve import TritonServer
+from medpclip.serve import ServeProcess
 from medpclip_client import MedPClipClient, Region, imaging
 from medpclip_client.pacs import LOCAL_SCHEME, label_concept
 from medpclip_client.pacs.cli import main
@@ -73,7 +73,7 @@ def triton_url(tmp_path_factory):
     """The embedded default model (meaningful labels), served by a real tritonserver."""
     out = tmp_path_factory.mktemp("pacs_model")
     assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
-    with TritonServer(out / "model_repository") as server:
+    with ServeProcess(out / "model_repository") as server:
         yield server.grpc_url
 
 

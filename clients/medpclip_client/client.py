@@ -589,6 +589,9 @@ class MedPClipClient(_ClientBase):
 
     def close(self) -> None:
         self._client.close()
+        # tritonclient's __del__ closes the channel again; at interpreter exit under gevent
+        # (locust) that second close deadlocks inside gRPC. Once closed, closing is a no-op.
+        self._client.close = lambda: None
 
     def __enter__(self: _Client) -> _Client:
         return self

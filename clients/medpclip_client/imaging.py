@@ -211,7 +211,9 @@ def _check_native_length(ds: Dataset) -> None:
     from pydicom.pixels.utils import get_expected_length
 
     ts = _transfer_syntax(ds)
-    if ts is None or ts.is_encapsulated or "PixelData" not in ds:
+    # an unknown UID (e.g. JPEG XL to this pydicom) has no is_encapsulated: leave it to the
+    # decoder, which says the syntax is not supported
+    if ts is None or not ts.is_transfer_syntax or ts.is_encapsulated or "PixelData" not in ds:
         return
     try:
         expected = get_expected_length(ds, unit="bytes")
