@@ -264,3 +264,15 @@ def test_label_longer_than_the_context_client_error(server, model, token_count):
             client.text_embeddings(["a cyst", over])
     assert err.value.invalid_input and "label 1 is" in err.value.message
     assert "tokens per label" in err.value.message
+
+
+def test_a_transfer_syntax_pydicom_does_not_know_is_invalid_argument(grpc):
+    # JPEG XL is newer than this pydicom: its UID has no transfer syntax properties, which
+    # once escaped the checks as INTERNAL "preprocess failed: ValueError"
+    # pydicom will not write a syntax it does not know: write MPEG2 (a UID of the same
+    # length) and relabel it in the bytes
+    mpeg2 = _encapsulated_as("CT_small.dcm", "1.2.840.10008.1.2.4.100")
+    jpeg_xl = mpeg2.replace(b"1.2.840.10008.1.2.4.100", b"1.2.840.10008.1.2.4.110", 1)
+    message = _refused(grpc, "medp_clip_image", IMAGE=np.array([jpeg_xl], dtype=object))
+    assert "1.2.840.10008.1.2.4.110" in message, message
+    _assert_still_serving(grpc)
