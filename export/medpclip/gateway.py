@@ -227,6 +227,7 @@ class Gateway:
         """Point new calls at ``url``; calls in flight finish on the old channel."""
         old, self._upstream_url = self._channel, url
         self._channel = self._channel_for(url)
+        LOG.info("gateway: forwarding to Triton at %s", url)
         if old is not None:
             asyncio.get_running_loop().create_task(self._close_later(old))
 
@@ -257,23 +258,26 @@ class Gateway:
         )
         server.add_generic_rpc_handlers((_Handler(self),))
         address = f"{_bracket(self.host)}:{self.grpc_port}"
-        if self.tls is not None:
-            port = server.add_secure_port(address, self.tls.credentials())
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": an OSError for the caller
+            raise OSError(f"cannot listen on {address} (gRPC): the port is taken or the "
+                          "address is not this machine's") from None
         self.grpc_port = port
         await server.start()
         self._server = server
         self._http = await asyncio.start_server(self._serve_http, self.host, self.http_port)
         self.http_port = self._http.sockets[0].getsockname()[1]
         LOG.info(
-            "gateway: gRPC %s:%d%s, health http://%s:%d, upstream %s",
+            "gateway: gRPC %s:%d%s, health http://%s:%d",
             self.host,
             self.grpc_port,
             " (TLS)" if self.tls else "",
             self.host,
             self.http_port,
-            self._upstream_url,
         )
 
     def drain(self) -> None:
