@@ -69,8 +69,9 @@ class Canary:
     """One small request through each loaded ensemble, answered by Triton directly.
 
     No deadline is sent (a canary must never be the cancellation that crashes 2.51); a canary
-    that hangs is noticed by its age instead. The label changes every time so that Triton's
-    response cache cannot answer for a dead text path."""
+    that hangs is noticed by its age instead. Its text goes to the tokenizer model directly
+    (and through medp_clip to the text encoder), never to the cached medp_clip_text: the
+    response cache must neither answer for a dead text path nor fill with canary entries."""
 
     def __init__(self, url: str, metrics_url: str | None = None) -> None:
         self.url = url
@@ -164,10 +165,11 @@ class Canary:
         """One round through the ensembles whose models are ``unproven`` (all by default);
         sets ``error`` (None when every request was answered)."""
         from medpclip_client import Region
+        from medpclip_client.client import text_inputs
 
         self.count += 1
         self.started = time.monotonic()
-        label = [f"canary {self.count % 1000}"]
+        label = ["a canary"]
         try:
             client = await self._connect()
             pixels = np.full((48, 64), 100, np.uint8)
@@ -182,7 +184,9 @@ class Canary:
             elif image_path and "medp_clip_image" in self.models:
                 await client.infer(pixels, region)
             if (unproven is None or "tokenizer" in unproven) and "medp_clip_text" in self.models:
-                await client.text_embeddings(label)
+                # the tokenizer itself, not medp_clip_text: that ensemble's response cache
+                # would answer for a dead tokenizer, and fill with canary entries
+                await client.triton.infer("tokenizer", text_inputs(label))
             self.error = None
         except Exception as exc:  # noqa: BLE001 - any failure is the finding
             self.error = f"canary failed: {type(exc).__name__}: {str(exc)[:200]}"
