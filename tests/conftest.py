@@ -98,3 +98,25 @@ def sample_image(height: int = 120, width: int = 200, seed: int = 0) -> np.ndarr
     img[(yy - 40) ** 2 + (xx - 50) ** 2 < 15**2] = 200
     img[(yy - 80) ** 2 + (xx - 150) ** 2 < 20**2] = 90
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate and key for 127.0.0.1/localhost (the openssl CLI); skips the
+    test where there is no openssl."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a self-signed certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

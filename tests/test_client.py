@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import sample_image
+from conftest import sample_image, self_signed_certificate
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -461,20 +460,9 @@ API_KEY = "s3cret-api-key"
 def tls_server(build_dir, tmp_path_factory):
     """A second server with gRPC over TLS (a self-signed certificate for 127.0.0.1) that needs
     an API key: shows the client's TLS options and key reach the server."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl binary to make a self-signed certificate")
     d = tmp_path_factory.mktemp("tls")
-    cert, key, api_key = d / "cert.pem", d / "key.pem", d / "api-key"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(d)
+    api_key = d / "api-key"
     api_key.write_text(API_KEY + "\n")
     args = ["--tls-cert", str(cert), "--tls-key", str(key), "--api-key-file", str(api_key)]
     with ServeProcess(build_dir / "model_repository", args=args, log_file=d / "log") as s:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import self_signed_certificate
 
 from medpclip.serve import ServeProcess
 
@@ -73,19 +72,8 @@ def test_locust_smoke_over_tls_with_an_api_key(build_dir, tmp_path):
     the CA and the key come as file paths (MEDPCLIP_ROOT_CERT, MEDPCLIP_API_KEY_FILE). With
     both, no failures; without the key file the server refuses every request, and the smoke
     must say so (failures) rather than pass. The key never shows in locust's output."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl binary to make a self-signed certificate")
-    cert, key, key_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api-key"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
+    key_file = tmp_path / "api-key"
     api_key = "perf-" + secrets.token_hex(8)
     key_file.write_text(api_key + "\n")
     # no key from the developer's environment: the refused run must really send none
