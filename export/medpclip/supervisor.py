@@ -77,7 +77,6 @@ class Canary:
         self.url = url
         self.metrics_url = metrics_url
         self.models: list[str] = []
-        self.count = 0
         self.started: float | None = None  # when the running canary began
         self.error: str | None = "no canary answered yet"
         self._client = None
@@ -167,7 +166,6 @@ class Canary:
         from medpclip_client import Region
         from medpclip_client.client import text_inputs
 
-        self.count += 1
         self.started = time.monotonic()
         label = ["a canary"]
         try:
