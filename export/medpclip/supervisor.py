@@ -337,6 +337,7 @@ class Supervisor:
         await self.gateway.start()
         failed_starts = 0
         backoff = 1.0
+        last_restart = -1e9
         try:
             while not stop.is_set():
                 self.health.set("starting" if self.restarts == 0 else "restarting", "starting")
@@ -366,6 +367,14 @@ class Supervisor:
                 # are retried (and held) against the new one.
                 await self._stop_triton(min(self.opts.triton_exit_s, 3.0))
                 self.restarts += 1
+                # a server that breaks again within a minute of its restart: wait longer each
+                # time, so a crash loop does not eat the machine
+                if time.monotonic() - last_restart < 60:
+                    await _sleep_unless(stop, backoff)
+                    backoff = min(backoff * 2, 60)
+                else:
+                    backoff = 1.0
+                last_restart = time.monotonic()
         finally:
             await self._stop_sequence()
         return 0
