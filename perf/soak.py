@@ -19,14 +19,12 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +38,6 @@ from medpclip_client import MedPClipClient, MedPClipError, Region
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = ROOT / "build" / "model_repository"
-READY_PREFIX = "Triton ready:"
 TARGET_FAILED = 0
 TARGET_GROWTH_PCT = 5.0
 MB = 1024 * 1024
@@ -449,97 +446,6 @@ def cache_stats(start: MemorySample | None, end: MemorySample | None) -> dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports; the sockets stay open until all are chosen."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class ManagedServer:
-    """`python -m medpclip.serve` as a child: started on free ports, waited for ("Triton
-    ready:" on its stdout), stopped with SIGTERM (its own clean shutdown) and reaped."""
-
-    def __init__(self, repository: Path, log_file: Path, startup_s: float, stop_s: float) -> None:
-        grpc_port, http_port, metrics_port = _free_ports(3)
-        self.url = f"127.0.0.1:{grpc_port}"
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        self.command = [
-            sys.executable,
-            "-m",
-            "medpclip.serve",
-            "--repository",
-            str(repository),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(metrics_port),
-        ]
-        self.log_file, self.startup_s, self.stop_s = log_file, startup_s, stop_s
-        self.proc: subprocess.Popen[str] | None = None
-        self._lines: deque[str] = deque(maxlen=40)
-        self._ready = threading.Event()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        with self.log_file.open("w") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,  # our Ctrl-C must not hit it before we stop it
-            )
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.startup_s
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not become ready; see {self.log_file}")
-
-    def _drain(self) -> None:
-        """Read stdout to the end (a full pipe would block the server); spot the ready line and
-        take the gRPC address from it in case the launcher moved it."""
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.append(line)
-            if line.startswith(READY_PREFIX):
-                found = re.search(r"gRPC (\S+?),?(?:\s|$)", line)
-                self.url = found.group(1) if found else self.url
-                found = re.search(r"metrics (http\S+)", line)
-                self.metrics_url = found.group(1) if found else self.metrics_url
-                self._ready.set()
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait for the launcher's own stop sequence, SIGKILL only past `stop_s`.
-        Returns the exit code (None if it had to be killed)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.stop_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        return self.proc.returncode
-
-
 def ensure_repository(repository: Path) -> None:
     """Export the embedded default model when the default repository is missing."""
     if repository.is_dir():
@@ -555,15 +461,21 @@ def managed(cfg: Config, report: dict[str, Any]) -> Iterator[tuple[str, int]]:
     assert cfg.repository is not None
     ensure_repository(cfg.repository)
     log = cfg.server_log or Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
-    server = ManagedServer(cfg.repository, log, cfg.startup_s, cfg.stop_s)
-    print(f"soak: starting {' '.join(server.command)} (log: {log})", flush=True)
+    from medpclip.deployment import DRAIN_S
+    from medpclip.serve import ServeProcess
+
+    # the launcher's own stop sequence, drain included, as a deployment stops it
+    server = ServeProcess(
+        cfg.repository, log_file=log, drain_s=DRAIN_S, startup_timeout=cfg.startup_s
+    )
+    print(f"soak: starting {' '.join(server.command())} (log: {log})", flush=True)
     server.start()
-    report["server"] = {"command": server.command, "log": str(log)}
+    report["server"] = {"command": server.command(), "log": str(log)}
     cfg.metrics_url = cfg.metrics_url or server.metrics_url
     try:
-        yield server.url, server.pid
+        yield server.grpc_url, server.pid
     finally:
-        code = server.stop()
+        code = server.stop(cfg.stop_s)
         report["server"]["exit_code"] = code
         print(f"soak: server stopped, exit code {code}", flush=True)
 
