@@ -116,7 +116,7 @@ class Workload:
         self.counter = itertools.count()
 
     def preprocess(self):
-        from medpclip_client import imaging
+        from medpclip_core import imaging
 
         display = imaging.decode_image(self.dicom)
         pixels, t = imaging.letterbox(display, self.cfg.vision.image_size)
@@ -135,8 +135,7 @@ class Workload:
 
 def pytorch_calls(w: Workload):
     import torch
-
-    from medpclip_client import imaging
+    from medpclip_core import imaging
 
     def image():
         arrays, t = w.preprocess()
@@ -153,8 +152,9 @@ def pytorch_calls(w: Workload):
 
 
 def onnxruntime_calls(w: Workload, onnx_dir: Path, int8: bool = False):
+    from medpclip_core import imaging
+
     from medpclip.onnx_export import INT8_MODELS, ort_session, quantize_int8
-    from medpclip_client import imaging
 
     names = ("prompt_encoder", "image_encoder", "mask_decoder", "text_encoder")
     files = {n: onnx_dir / f"{n}.onnx" for n in names}

@@ -4,11 +4,11 @@ Shared by the CI property test (`tests/test_fuzz.py`, a few cases per path) and 
 (`perf/fuzz.py --cases 10000`), so both send exactly the same kinds of bad input.
 
 Every strategy builds a request that is valid except for one fault, and the fault is invalid by
-the declared contract (`medpclip_client.tensors`, the README's limits, and what
+the declared contract (`medpclip_core.tensors`, the README's limits, and what
 `model_repository/preprocess/model.py` validates), never a borderline value that may be legal: a
 point exactly on the image's border, a box edge on it, -0.0. Where a generator cannot know for
 sure (corrupted PNG/DICOM bytes, random bytes), its candidates are kept only if the shared decoder
-(`medpclip_client.imaging.decode_image`, the server's own code) refuses them locally.
+(`medpclip_core.imaging.decode_image`, the server's own code) refuses them locally.
 
 The property (`problems`): the answer is exactly INVALID_ARGUMENT (never OK, INTERNAL, UNKNOWN,
 UNAVAILABLE, or a missed deadline), and the message does not echo request data (label text,
@@ -29,10 +29,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from hypothesis import assume
 from hypothesis import strategies as st
+from medpclip_core import imaging
+from medpclip_core import tensors as T
 from tritonclient.utils import InferenceServerException
-
-from medpclip_client import imaging
-from medpclip_client import tensors as T
 
 IMAGE_MODELS = ("medp_clip", "medp_clip_image")
 LABEL_MODELS = ("medp_clip", "medp_clip_text")

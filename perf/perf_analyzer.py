@@ -86,14 +86,14 @@ def _entry(value: np.ndarray) -> dict:
 def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per model: the inputs a real request feeds it (batch axis dropped for batched models)."""
     import torch
+    from medpclip_core import imaging
+    from medpclip_core import tensors as T
 
     from medpclip.evaluate import centre_point
     from medpclip.export import DEFAULT_CHECKPOINT
     from medpclip.model import load_checkpoint
     from medpclip.phantoms import CANONICAL, phantoms, to_dicom
     from medpclip.real_inputs import text_batch
-    from medpclip_client import imaging
-    from medpclip_client import tensors as T
 
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     model = load_checkpoint(checkpoint)

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from medpclip_core import tensors as T
 
 from medpclip import export
 from medpclip.model import load_checkpoint
 from medpclip.serve import ServeProcess
-from medpclip_client import tensors as T
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import sample_image, self_signed_certificate
+from medpclip_core.dicom import WINDOW_PRESETS, read_dicom, to_request
+from medpclip_core.imaging import InputError
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -23,8 +25,6 @@ from medpclip.serve import ServeProcess
 from medpclip_client import cli
 from medpclip_client.aio import AsyncMedPClipClient
 from medpclip_client.client import MedPClipClient, MedPClipError, Region, Request
-from medpclip_client.dicom import WINDOW_PRESETS, read_dicom, to_request
-from medpclip_client.imaging import InputError
 
 LABELS = ["a round hyperdense nodule", "a dark cyst", "normal tissue"]
 UNAVAILABLE = "StatusCode.UNAVAILABLE"

@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 from google.protobuf import text_format
+from medpclip_core import tensors as T
 from tritonclient.grpc import model_config_pb2 as mc
 
 from medpclip import repository
 from medpclip import tensorrt_engine as te
-from medpclip_client import tensors as T
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(

@@ -1,8 +1,9 @@
 """Client for MedP-CLIP, a region-aware medical CLIP served on NVIDIA Triton."""
 
+from medpclip_core.dicom import read_dicom, to_request
+
 from .aio import AsyncMedPClipClient, Outcome
 from .client import MedPClipClient, MedPClipError, Region, Request, Result
-from .dicom import read_dicom, to_request
 
 __all__ = [
     "AsyncMedPClipClient",

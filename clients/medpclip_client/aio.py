@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from medpclip_core.tensors import MEDP_CLIP_TEXT
 
 from .client import (
     _ENSEMBLES,
@@ -35,7 +36,6 @@ from .client import (
     prepare,
     text_inputs,
 )
-from .tensors import MEDP_CLIP_TEXT
 
 __all__ = ["AsyncMedPClipClient", "Outcome"]
 

@@ -16,6 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from medpclip_core.dicom import WINDOW_PRESETS, local_request
+from medpclip_core.imaging import InputError, is_dicom
+from medpclip_core.tensors import MAX_LABEL_CHARS, MAX_LABELS, MAX_POINTS
+
 from .client import (
     DEFAULT_URL,
     STATUS_RETRYABLE,
@@ -29,9 +33,6 @@ from .client import (
     read_key_file,
     save_mask,
 )
-from .dicom import WINDOW_PRESETS, local_request
-from .imaging import InputError, is_dicom
-from .tensors import MAX_LABEL_CHARS, MAX_LABELS, MAX_POINTS
 
 PROG = "medpclip-client"
 

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from medpclip_core.imaging import InputError
+from medpclip_core.tensors import MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT, ModelSpec, Tensor
 from PIL import Image
-
-from .imaging import InputError
-from .tensors import MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT, ModelSpec, Tensor
 
 __all__ = [
     "InputError",

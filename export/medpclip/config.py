@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medpclip_client.tensors import Dims
+from medpclip_core.tensors import Dims
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

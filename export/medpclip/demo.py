@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from medpclip_core import imaging
 from PIL import Image
 
-from medpclip_client import cli, imaging
+from medpclip_client import cli
 
 from . import export
 from .evaluate import centre_point

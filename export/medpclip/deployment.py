@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from medpclip_client import tensors as T
+from medpclip_core import tensors as T
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 REPOSITORY = "/build/model_repository"

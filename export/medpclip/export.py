@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from medpclip_client import tensors as T
+from medpclip_core import tensors as T
 
 from . import onnx_export, repository
 from . import tensorrt_engine as trt_engine

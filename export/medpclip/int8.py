@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from medpclip_client import imaging
+from medpclip_core import imaging
 
 from .model import MedPClip
 from .onnx_export import INT8_MODELS, cosine_rows, ort_session

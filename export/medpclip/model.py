@@ -36,7 +36,7 @@ class MedPClip(nn.Module):
         mask_input: Tensor,
         has_mask: Tensor,
     ) -> dict[str, Tensor]:
-        """The image path for one batch; tensor names as in `medpclip_client.tensors`."""
+        """The image path for one batch; tensor names as in `medpclip_core.tensors`."""
         sparse, dense, region = self.prompt_encoder(
             point_coords, point_labels, mask_input, has_mask
         )

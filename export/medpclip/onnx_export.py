@@ -2,7 +2,7 @@
 
 Each `Exportable` fixes one model's export interface (SAM's utils/onnx.py, TensorRT demo's model
 classes): the module to trace, its inputs and outputs taken from the tensor declaration in
-`medpclip_client.tensors`, and sample inputs. Names, dtypes and dynamic axes are never restated.
+`medpclip_core.tensors`, and sample inputs. Names, dtypes and dynamic axes are never restated.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from medpclip_core import tensors as T
 from torch import nn
-
-from medpclip_client import tensors as T
 
 from .config import ModelConfig
 from .model import MedPClip

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from medpclip_client import imaging
+from medpclip_core import imaging
 
 from .model import MedPClip
 from .tokenizer import load_tokenizer

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from medpclip_client import imaging
+from medpclip_core import imaging
 
 from .model import MedPClip
 from .real_inputs import text_batch

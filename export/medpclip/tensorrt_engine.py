@@ -1,6 +1,6 @@
 """TensorRT engines for the exported models: profiles, trtexec lines, build and metadata.
 
-Everything shape-related comes from the tensor declarations (`medpclip_client.tensors`): the
+Everything shape-related comes from the tensor declarations (`medpclip_core.tensors`): the
 optimisation profile of each input is (min 1, opt, max = the Triton config's max_batch_size) on
 the batch axis and the declared bounds on dynamic axes, one profile per engine, so the engine
 accepts exactly what Triton's dynamic batcher may send.
@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
-
-from medpclip_client import tensors as T
+from medpclip_core import tensors as T
 
 PRECISIONS = ("fp16", "fp32")
 # The NGC release every image uses (deploy/docker): Triton 25.06 (2.59) is the first with all

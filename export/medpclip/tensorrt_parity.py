@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from medpclip_client import tensors as T
+from medpclip_core import tensors as T
 
 from .model import load_checkpoint
 from .onnx_export import cosine_rows

@@ -5,7 +5,7 @@
 Losses: region-text cross-entropy over the finding labels for point, box and mask prompts;
 image-caption contrastive loss on whole images (some samples carry no prompt, so the global
 path keeps learning); mask BCE + Dice for the mask decoder, and the IoU head regressed on the
-achieved IoU. Images go through the served preprocessing (`medpclip_client.imaging`).
+achieved IoU. Images go through the served preprocessing (`medpclip_core.imaging`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from medpclip_client import imaging
+from medpclip_core import imaging
 
 from .config import ModelConfig
 from .model import MedPClip, build, save_checkpoint

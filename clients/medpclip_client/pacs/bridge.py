@@ -38,11 +38,16 @@ from types import TracebackType
 
 import numpy as np
 import pydicom
+from medpclip_core.imaging import (
+    InputError,
+    check_pixel_data,
+    decode_pixel_data,
+    register_gdcm_12bit,
+)
 from pydicom import Dataset
 from pydicom.uid import UID
 
 from ..client import DEFAULT_URL, MedPClipClient, MedPClipError, Region, Result
-from ..imaging import InputError, check_pixel_data, decode_pixel_data, register_gdcm_12bit
 from .dicomweb import EXPLICIT_LE, DicomWeb, ErrorKind, InstanceRef, PacsError
 from .reports import Finding, build_seg, build_sr, check_seg_possible, region_graphic
 

@@ -9,8 +9,8 @@ import json
 import os
 from collections.abc import Callable
 
-from .imaging import InputError
-from .labels import load_tokenizer
+from ..errors import InputError
+from ..labels import load_tokenizer
 
 
 def parameters(args: dict) -> dict[str, str]:

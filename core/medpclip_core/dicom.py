@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import InputError
 from .imaging import (
-    InputError,
     _apply_window,
     _check_size,
     _min_max,

@@ -6,8 +6,8 @@ call `labels.tokenize`, which refuses a label longer than the context instead of
 
 import triton_python_backend_utils as pb_utils
 
-from medpclip_client.labels import tokenize
-from medpclip_client.serving import respond_each, tokenizer_for
+from medpclip_core.backend.common import respond_each, tokenizer_for
+from medpclip_core.labels import tokenize
 
 
 class TritonPythonModel:

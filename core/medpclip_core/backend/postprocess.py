@@ -4,17 +4,13 @@ the original image size (undoing the letterbox)."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from medpclip_client import imaging
-from medpclip_client.serving import optional_input, parameters, respond_each
+from medpclip_core import imaging
+from medpclip_core.backend.common import optional_input, parameters, respond_each
+from medpclip_core.scoring import label_probs
 
 
 def _get(request, name):
     return optional_input(pb_utils, request, name)
-
-
-def softmax(x):
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 class TritonPythonModel:
@@ -35,8 +31,8 @@ class TritonPythonModel:
         t = imaging.Transform.from_array(_get(request, "transform"), self.size)
         logits = _get(request, "mask_logits")[0]
         return [
-            pb_utils.Tensor("REGION_PROBS", scores(r, text, self.logit_scale)),
-            pb_utils.Tensor("IMAGE_PROBS", scores(g, text, self.logit_scale)),
+            pb_utils.Tensor("REGION_PROBS", label_probs(r, text, self.logit_scale)),
+            pb_utils.Tensor("IMAGE_PROBS", label_probs(g, text, self.logit_scale)),
             pb_utils.Tensor("GLOBAL_EMBEDDING", g),
             pb_utils.Tensor("REGION_EMBEDDING", r),
             pb_utils.Tensor("PATCH_FEATURES", _get(request, "patch_features")[0]),
@@ -45,8 +41,3 @@ class TritonPythonModel:
             pb_utils.Tensor("IOU", _get(request, "iou").reshape(1).astype(np.float32)),
         ]
 
-
-def scores(embedding, text, scale):
-    if len(text) == 0:
-        return np.zeros(0, dtype=np.float32)
-    return softmax(scale * text @ embedding).astype(np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from medpclip_client.serving import parameters, version_file
+from medpclip_core.backend.common import parameters, version_file
 
 
 class TritonPythonModel:

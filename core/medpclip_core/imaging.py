@@ -1,7 +1,7 @@
 """Image decoding, DICOM display pipeline, letterboxing and prompt mapping (numpy, no torch).
 
-The server's `preprocess`/`postprocess` models, the export's parity checks and the tests all use
-these functions, so "the same preprocessed input" is the same code, not a re-implementation.
+The building blocks of `inputs.prepare`, the one sequence every caller runs (the server's
+`preprocess` model, the export's parity checks, benchmarks and tests).
 
 Never centre-crop: a prompt near the edge would vanish. The image is resized so that its longest
 side is S and padded at the bottom/right (as SAM does); prompts are mapped with the same scale.
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
 from .tensors import MAX_IMAGE_SIDE, MAX_POINTS
 
 if TYPE_CHECKING:
@@ -33,10 +34,6 @@ PAD_LABEL, BOX_TL, BOX_BR = -1, 2, 3
 # We refuse oversized images ourselves from the header, with a message naming our limit
 # (`max_side`, at most 8192^2 = 67 Mpx, below PIL's own bomb threshold).
 Image.MAX_IMAGE_PIXELS = None
-
-
-class InputError(ValueError):
-    """A request the caller must fix; served as INVALID_ARGUMENT with this message."""
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ about the patient (DICOM tags, pixel values) is logged.
 
 import triton_python_backend_utils as pb_utils
 
-from medpclip_client import imaging
-from medpclip_client.labels import tokenize
-from medpclip_client.serving import optional_input, parameters, respond_each, tokenizer_for
+from medpclip_core.backend.common import optional_input, parameters, respond_each, tokenizer_for
+from medpclip_core.errors import InputError
+from medpclip_core.inputs import prepare
 
 
 def _get(request, name):
@@ -36,38 +36,27 @@ class TritonPythonModel:
             _get(request, "WINDOW"),
         )
         if (image is None) == (pixels is None):
-            raise imaging.InputError("send exactly one of IMAGE (encoded file bytes) or PIXELS")
+            raise InputError("send exactly one of IMAGE (encoded file bytes) or PIXELS")
         win = None if window is None else tuple(float(v) for v in window.reshape(-1)[:2])
         if window is not None and window.size != 2:
-            raise imaging.InputError(
-                f"WINDOW must hold 2 values (centre, width), got {window.size}"
-            )
+            raise InputError(f"WINDOW must hold 2 values (centre, width), got {window.size}")
         if image is not None:
             if image.size != 1:
-                raise imaging.InputError(f"IMAGE must hold one file, got {image.size}")
-            raw = image.reshape(-1)[0]
-            display = imaging.decode_image(bytes(raw), win, self.max_side)
-        else:
-            display = imaging.pixels_to_image(pixels, win, self.max_side)
-        pixel_values, t = imaging.letterbox(display, self.size)
-        prompts = imaging.map_prompts(
-            t,
+                raise InputError(f"IMAGE must hold one file, got {image.size}")
+            image = bytes(image.reshape(-1)[0])
+        labels = _get(request, "LABELS")
+        inputs = prepare(
+            pixels if image is None else image,
+            self.size,
             self.mask_side,
+            window=win,
             points=_get(request, "POINTS"),
             point_labels=_get(request, "POINT_LABELS"),
             box=_get(request, "BOX"),
             mask=_get(request, "MASK"),
+            labels=None if labels is None else labels.reshape(-1),
+            tokenizer=self.tok,
+            max_side=self.max_side,
+            max_labels=self.max_labels,
         )
-        outputs = [
-            pb_utils.Tensor("pixel_values", pixel_values[None]),
-            pb_utils.Tensor("point_coords", prompts.point_coords),
-            pb_utils.Tensor("point_labels", prompts.point_labels),
-            pb_utils.Tensor("mask_input", prompts.mask_input),
-            pb_utils.Tensor("has_mask", prompts.has_mask),
-            pb_utils.Tensor("transform", t.as_array()),
-        ]
-        labels = _get(request, "LABELS")
-        if labels is not None:
-            ids, mask = tokenize(self.tok, labels.reshape(-1), self.max_labels)
-            outputs += [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
-        return outputs
+        return [pb_utils.Tensor(name, a) for name, a in inputs.arrays().items()]

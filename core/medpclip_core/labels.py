@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .imaging import InputError
+from .errors import InputError
 from .tensors import MAX_LABEL_CHARS, MAX_LABELS
 
 
