@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/python -m medpclip.demo
+	$(VENV)/python -m medpclip_tools.demo
 
 test: setup
 	$(VENV)/ruff check .
@@ -20,7 +20,7 @@ export: setup
 	$(VENV)/python -m medpclip.export
 
 serve: export
-	$(VENV)/python -m medpclip.serve --repository build/model_repository
+	$(VENV)/python -m medpclip_tools.serve --repository build/model_repository
 
 clean:
 	rm -rf build

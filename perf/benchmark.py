@@ -103,9 +103,9 @@ class Workload:
     """Inputs and the numpy pre/postprocessing shared by the in-process systems."""
 
     def __init__(self, checkpoint: Path):
-        from medpclip.evaluate import centre_point
         from medpclip.model import load_checkpoint
-        from medpclip.phantoms import phantoms, to_dicom
+        from medpclip_tools.evaluate import centre_point
+        from medpclip_tools.phantoms import phantoms, to_dicom
 
         self.model = load_checkpoint(checkpoint)
         self.cfg = self.model.cfg
@@ -135,6 +135,7 @@ class Workload:
 
 def pytorch_calls(w: Workload):
     import torch
+
     from medpclip_core import imaging
 
     def image():
@@ -152,9 +153,8 @@ def pytorch_calls(w: Workload):
 
 
 def onnxruntime_calls(w: Workload, onnx_dir: Path, int8: bool = False):
-    from medpclip_core import imaging
-
     from medpclip.onnx_export import INT8_MODELS, ort_session, quantize_int8
+    from medpclip_core import imaging
 
     names = ("prompt_encoder", "image_encoder", "mask_decoder", "text_encoder")
     files = {n: onnx_dir / f"{n}.onnx" for n in names}
@@ -260,7 +260,7 @@ def cpu_peak_gflops() -> tuple[float, str]:
 
 
 def free_ports(n: int) -> list[int]:
-    from medpclip.serve import _free_ports
+    from medpclip_tools.serve import _free_ports
 
     return _free_ports("127.0.0.1", n)
 
@@ -298,28 +298,14 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from medpclip import export
-    from medpclip.serve import TritonServer
+    from medpclip_tools.serve import TritonServer
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = args.out
-    if (
-        export.main(
-            [
-                "--config",
-                args.config,
-                "--out",
-                str(out),
-                "--skip-parity",
-                "--ort-threads",
-                str(args.ort_threads),
-            ]
-        )
-        != 0
-    ):
-        raise SystemExit(1)
-    checkpoint = out / "checkpoint" / f"{args.config}-seed0"
-    if not checkpoint.is_dir():  # tiny: the export used the embedded default model
-        checkpoint = export.DEFAULT_CHECKPOINT
+    result = export.export(
+        config=args.config, out=out, skip_parity=True, ort_threads=args.ort_threads
+    )
+    checkpoint = result.checkpoint
     w = Workload(checkpoint)
     levels = args.concurrency
     results: dict[str, dict[str, list[dict]]] = {}
@@ -354,9 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"== Triton ensemble (gRPC){' int8 flavour' if int8 else ''} ==")
         repo = out / "model_repository"
         if int8:
-            flags = ["--config", args.config, "--out", str(out), "--skip-parity", "--int8"]
-            if export.main(flags) != 0:
-                raise SystemExit(1)
+            export.export(config=args.config, out=out, skip_parity=True, int8=True)
         with TritonServer(repo) as server:
             rss = lambda: tree_rss(server.pid)  # noqa: E731
             image, text = grpc_calls(

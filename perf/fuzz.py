@@ -10,7 +10,7 @@ and whether a fixed good request per ensemble still gets the answers it got befo
 echoes request data, is a problem; problems that perf/fuzz_strategies.KNOWN_BUGS lists are
 reported apart.
 
-With --repository the server is started the way users run it (`medpclip.serve`: the gateway in
+With --repository the server is started the way users run it (`medpclip_tools.serve`: the gateway in
 front of Triton), or bare Triton with --bare-triton. Default export: `python -m medpclip.export
 --out build` writes build/model_repository.
 
@@ -168,7 +168,7 @@ def _server(args) -> Iterator[str]:
     if args.url:
         yield args.url
         return
-    from medpclip.serve import ServeProcess, TritonServer
+    from medpclip_tools.serve import ServeProcess, TritonServer
 
     server = TritonServer(args.repository) if args.bare_triton else ServeProcess(args.repository)
     with server:

@@ -29,9 +29,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from hypothesis import assume
 from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
+
 from medpclip_core import imaging
 from medpclip_core import tensors as T
-from tritonclient.utils import InferenceServerException
 
 IMAGE_MODELS = ("medp_clip", "medp_clip_image")
 LABEL_MODELS = ("medp_clip", "medp_clip_text")

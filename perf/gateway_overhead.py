@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=Path("build/model_repository"))
     p.add_argument("--requests", type=int, default=200, help="per path and setting")
     args = p.parse_args(argv)
-    from medpclip.serve import ServeProcess
+    from medpclip_tools.serve import ServeProcess
 
     with ServeProcess(args.repository) as server:
         print(f"{'call':<15} {'conc':>4} {'path':<8} {'p50 ms':>8} {'p99 ms':>8}")

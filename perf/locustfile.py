@@ -7,7 +7,7 @@ interactive segmentation, on phantom CT slices sent as DICOM; every answer is ch
 The load ramps in stages (`RampShape`) and the run ends by itself after the last one; set
 MEDPCLIP_RAMP="users:seconds,..." to change them (e.g. "2:6" for a few-second smoke test).
 
-A server with TLS and an API key (python -m medpclip.serve --tls-cert ... --api-key-file ...):
+A server with TLS and an API key (python -m medpclip_tools.serve --tls-cert ... --api-key-file ...):
 MEDPCLIP_ROOT_CERT=<CA file> turns TLS on and verifies the server with that CA;
 MEDPCLIP_API_KEY_FILE=<file> holds the key sent as "authorization: Bearer <key>". Both are file
 paths, as Kubernetes and compose mount secrets (deploy/k8s/base/locust-job.yaml,
@@ -31,9 +31,9 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import LoadTestShape, User, between, events, task  # noqa: E402
 
-from medpclip.evaluate import centre_point  # noqa: E402
-from medpclip.phantoms import CANONICAL, phantoms, to_dicom  # noqa: E402
 from medpclip_client import MedPClipClient, Region  # noqa: E402
+from medpclip_tools.evaluate import centre_point  # noqa: E402
+from medpclip_tools.phantoms import CANONICAL, phantoms, to_dicom  # noqa: E402
 
 CASES = [(to_dicom(p, i), p) for i, p in enumerate(phantoms(seed=4242, count=8))]
 

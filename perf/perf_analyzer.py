@@ -86,14 +86,14 @@ def _entry(value: np.ndarray) -> dict:
 def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per model: the inputs a real request feeds it (batch axis dropped for batched models)."""
     import torch
-    from medpclip_core import imaging
-    from medpclip_core import tensors as T
 
-    from medpclip.evaluate import centre_point
     from medpclip.export import DEFAULT_CHECKPOINT
     from medpclip.model import load_checkpoint
-    from medpclip.phantoms import CANONICAL, phantoms, to_dicom
     from medpclip.real_inputs import text_batch
+    from medpclip_core import imaging
+    from medpclip_core import tensors as T
+    from medpclip_tools.evaluate import centre_point
+    from medpclip_tools.phantoms import CANONICAL, phantoms, to_dicom
 
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     model = load_checkpoint(checkpoint)
@@ -269,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         from medpclip import export
-        from medpclip.serve import TritonServer
+        from medpclip_tools.serve import TritonServer
 
         build = ROOT / "build"
-        if export.main(["--out", str(build), "--skip-parity"]) != 0:
+        try:
+            export.export(out=build, skip_parity=True)
+        except export.ExportError:
             return 1
         with TritonServer(build / "model_repository") as server:
             rows = sweep(

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medpclip_core import imaging
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from medpclip.model import load_checkpoint
 from medpclip.real_inputs import text_batch
+from medpclip_core import imaging
 
 
 def main(argv: list[str] | None = None) -> int:

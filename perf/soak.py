@@ -405,10 +405,10 @@ def scrape_cache(metrics_url: str) -> dict[str, float] | None:
 
 
 def cache_size_bytes() -> int | None:
-    """The response-cache size every deployment passes to tritonserver (medpclip.deployment);
+    """The response-cache size every deployment passes to tritonserver (medpclip_tools.deployment);
     None when that module is not importable here."""
     try:
-        from medpclip.deployment import SERVER_FLAGS
+        from medpclip_tools.deployment import SERVER_FLAGS
     except ImportError:
         return None
     for flag in SERVER_FLAGS:
@@ -461,8 +461,8 @@ def managed(cfg: Config, report: dict[str, Any]) -> Iterator[tuple[str, int]]:
     assert cfg.repository is not None
     ensure_repository(cfg.repository)
     log = cfg.server_log or Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
-    from medpclip.deployment import DRAIN_S
-    from medpclip.serve import ServeProcess
+    from medpclip_tools.deployment import DRAIN_S
+    from medpclip_tools.serve import ServeProcess
 
     # the launcher's own stop sequence, drain included, as a deployment stops it
     server = ServeProcess(
@@ -815,7 +815,7 @@ Targets: 0 failed requests and RSS growth below --max-growth percent after warm-
 
 Either --url HOST:PORT --pid PID (a running server; PID = its top process), or --repository DIR
 (default build/model_repository, exported first if it is the default and missing): then the
-soak starts `python -m medpclip.serve` on free ports and stops it with SIGTERM at the end.
+soak starts `python -m medpclip_tools.serve` on free ports and stops it with SIGTERM at the end.
 
 exit codes: 0 targets met, 1 a target missed (each miss is printed), 2 usage.
 """
@@ -823,7 +823,8 @@ exit codes: 0 targets met, 1 a target missed (each miss is printed), 2 usage.
 _EPILOG = """\
 examples:
   .venv/bin/python perf/soak.py --minutes 30 --json build/soak.json
-  .venv/bin/python perf/soak.py --minutes 5 --url 127.0.0.1:8001 --pid $(pgrep -of medpclip.serve)
+  .venv/bin/python perf/soak.py --minutes 5 --url 127.0.0.1:8001 \
+      --pid $(pgrep -of medpclip_tools.serve)
 """
 
 

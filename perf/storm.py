@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         "--repository",
         type=Path,
         default=Path("build/model_repository"),
-        help="start `python -m medpclip.serve` on this repository (default: %(default)s)",
+        help="start `python -m medpclip_tools.serve` on this repository (default: %(default)s)",
     )
     p.add_argument("--pid", type=int, help="with --url: the server's pid, to check it survived")
     p.add_argument(
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import os
 
-    from medpclip.serve import ServeProcess, TritonServer
+    from medpclip_tools.serve import ServeProcess, TritonServer
 
     def pid_alive(pid: int) -> bool:
         try:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "perf" / "results")
     args = p.parse_args(argv)
     from medpclip import export
-    from medpclip.serve import TritonServer
+    from medpclip_tools.serve import TritonServer
 
     lines = [
         "| ORT threads | instances | queue delay us | concurrency | image /s | p50 ms | p99 ms |",
@@ -44,26 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     inputs = None
     for threads, instances, delay in SETTINGS:
-        flags = [
-            "--config",
-            args.config,
-            "--out",
-            str(args.out),
-            "--skip-parity",
-            "--ort-threads",
-            str(threads),
-            "--instances",
-            str(instances),
-            "--queue-delay-us",
-            str(delay),
-        ]
-        if export.main(flags) != 0:
-            return 1
+        result = export.export(
+            config=args.config,
+            out=args.out,
+            skip_parity=True,
+            ort_threads=threads,
+            instances=instances,
+            queue_delay_us=delay,
+        )
         if inputs is None:
-            ckpt = args.out / "checkpoint" / f"{args.config}-seed0"
-            inputs = perf_analyzer.write_inputs(
-                args.out / "inputs", ckpt if ckpt.is_dir() else None
-            )
+            inputs = perf_analyzer.write_inputs(args.out / "inputs", result.checkpoint)
         with TritonServer(args.out / "model_repository") as server:
             rows = perf_analyzer.sweep(
                 server.grpc_url, ["medp_clip_image"], inputs, args.out, args.concurrency_range, 4000

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: system library for Triton's python backend stub, Orthanc with DICOMweb
 # (PACS tests), a virtualenv in .venv with pinned packages, and the project's two packages
-# (core/, clients/, export/) in editable mode.
+# (core/, clients/, export/, tools/) in editable mode.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,11 +57,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt core/pyproject.toml clients/pyproject.toml export/pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt core/pyproject.toml clients/pyproject.toml export/pyproject.toml tools/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned packages (first run: about a minute)"
   .venv/bin/python -m pip install -q -r requirements.txt
-  .venv/bin/python -m pip install -q --no-deps -e core -e clients -e export
+  .venv/bin/python -m pip install -q --no-deps -e core -e clients -e export -e tools
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv, $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -7,32 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from medpclip_core import tensors as T
 
 from medpclip import export
 from medpclip.model import load_checkpoint
-from medpclip.serve import ServeProcess
+from medpclip_core import tensors as T
+from medpclip_tools.serve import ServeProcess
 
 
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("build")
     # a fresh seeded tiny model: the tests must not depend on which default model is embedded
-    assert (
-        export.main(
-            [
-                "--config",
-                "tiny",
-                "--seed",
-                "0",
-                "--out",
-                str(out),
-                "--checkpoint",
-                str(_fresh_checkpoint(out)),
-            ]
-        )
-        == 0
-    )
+    export.export(config="tiny", seed=0, out=out, checkpoint=_fresh_checkpoint(out))
     return out
 
 
@@ -56,7 +42,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="session")
 def server(build_dir):
-    """The server as users run it: `python -m medpclip.serve` (gateway in front of Triton)."""
+    """The server as users run it: `python -m medpclip_tools.serve` (gateway in front of Triton)."""
     with ServeProcess(build_dir / "model_repository", log_file=build_dir / "serve.log") as s:
         yield s
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import image_bytes, make_inputs, sample_image
-from medpclip_core import tensors as T
 from tritonclient.utils import InferenceServerException
+
+from medpclip_core import tensors as T
 
 H, W = 120, 200
 IMG = image_bytes(sample_image(H, W))

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from medpclip.real_inputs import sample_dicom
-from medpclip.serve import TritonServer, _free_ports
 from medpclip_client import MedPClipClient, Region, cli
+from medpclip_tools.serve import TritonServer, _free_ports
 
 LABELS = ["a round hyperdense nodule", "a dark cyst", "normal tissue"]
 
@@ -88,7 +88,7 @@ def test_cli_exit_codes(server, tmp_path, capsys):
 
 
 def test_serve_command_starts_and_stops_cleanly(build_dir, tmp_path):
-    """`python -m medpclip.serve` reaches ready, serves, and on SIGTERM exits 0 leaving no
+    """`python -m medpclip_tools.serve` reaches ready, serves, and on SIGTERM exits 0 leaving no
     python-backend shared memory behind (its own regions: other servers may run meanwhile)."""
     import psutil
 
@@ -97,7 +97,7 @@ def test_serve_command_starts_and_stops_cleanly(build_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "medpclip.serve",
+            "medpclip_tools.serve",
             "--repository",
             str(build_dir / "model_repository"),
             "--grpc-port",
@@ -161,7 +161,13 @@ def test_serve_prints_the_cause_of_a_failed_start_and_keeps_old_logs(tmp_path):
         (repo / name / "config.pbtxt").write_text(config)
         (repo / name / "1" / "model.py").write_text(code)
     log = tmp_path / "triton.log"
-    argv = [sys.executable, "-m", "medpclip.serve", f"--repository={repo}", f"--log-file={log}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "medpclip_tools.serve",
+        f"--repository={repo}",
+        f"--log-file={log}",
+    ]
     argv += ["--grpc-port=0", "--http-port=0", "--metrics-port=0", "--startup-timeout=60"]
     for run in (1, 2):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -172,7 +178,7 @@ def test_serve_prints_the_cause_of_a_failed_start_and_keeps_old_logs(tmp_path):
 
 
 def test_readme_demo_runs(tmp_path, capsys):
-    from medpclip import demo
+    from medpclip_tools import demo
 
     assert demo.main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -16,15 +16,15 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import sample_image, self_signed_certificate
-from medpclip_core.dicom import WINDOW_PRESETS, read_dicom, to_request
-from medpclip_core.imaging import InputError
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medpclip.serve import ServeProcess
 from medpclip_client import cli
 from medpclip_client.aio import AsyncMedPClipClient
 from medpclip_client.client import MedPClipClient, MedPClipError, Region, Request
+from medpclip_core.dicom import WINDOW_PRESETS, read_dicom, to_request
+from medpclip_core.imaging import InputError
+from medpclip_tools.serve import ServeProcess
 
 LABELS = ["a round hyperdense nodule", "a dark cyst", "normal tissue"]
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
@@ -451,7 +451,7 @@ def test_cli_folder_writes_json_lines(server, tmp_path, capsys):
     assert "batch stopped" in capsys.readouterr().err
 
 
-# --- TLS and the API key (the gateway of python -m medpclip.serve) ----------------------------
+# --- TLS and the API key (the gateway of python -m medpclip_tools.serve) -----------------
 
 API_KEY = "s3cret-api-key"
 

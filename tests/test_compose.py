@@ -14,13 +14,13 @@ from pathlib import Path
 import compose
 import pytest
 
-from medpclip import deployment as D
 from medpclip import tensorrt_engine as te
+from medpclip_tools import deployment as D
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = Path(compose.__file__).parent / "docker-compose"
 TLS_OVERRIDE = ROOT / "deploy" / "compose" / "tls.yml"
-LAUNCHER = ["python3", "-m", "medpclip.serve"]
+LAUNCHER = ["python3", "-m", "medpclip_tools.serve"]
 TRITONS = ("triton", "triton-cpu")
 PROFILES = ("--profile", "cpu", "--profile", "locust")
 

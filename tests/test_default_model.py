@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from medpclip import export
-from medpclip.evaluate import centre_point, evaluate
-from medpclip.phantoms import CANONICAL, phantoms, to_dicom
-from medpclip.serve import TritonServer
 from medpclip_client import MedPClipClient, Region
+from medpclip_tools.evaluate import centre_point, evaluate
+from medpclip_tools.phantoms import CANONICAL, phantoms, to_dicom
+from medpclip_tools.serve import TritonServer
 
 pytestmark = pytest.mark.skipif(
     not (export.DEFAULT_CHECKPOINT / "config.json").is_file(),
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def default_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("default")
-    assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
+    export.export(checkpoint=export.DEFAULT_CHECKPOINT, out=out)
     return out
 
 
@@ -62,26 +62,17 @@ def test_pointing_at_each_finding_gives_its_own_label(default_url):
 def test_int8_flavour_agrees_with_fp32(default_build, tmp_path):
     """The CPU INT8 flavour: >= 98 % of zero-shot answers unchanged, embeddings cosine >= 0.99,
     and its repository serves the quantised encoders."""
-    from medpclip.int8 import agreement
     from medpclip.model import load_checkpoint
+    from medpclip_tools.int8_agreement import agreement
 
     out = tmp_path / "int8"
     import shutil
 
     shutil.copytree(default_build / "onnx", out / "onnx")
-    assert (
-        export.main(
-            [
-                "--checkpoint",
-                str(export.DEFAULT_CHECKPOINT),
-                "--out",
-                str(out),
-                "--skip-parity",
-                "--int8",
-            ]
-        )
-        == 0
+    result = export.export(
+        checkpoint=export.DEFAULT_CHECKPOINT, out=out, skip_parity=True, int8=True
     )
+    assert result.int8_cosine is not None and result.int8_cosine >= export.INT8_MIN_COSINE
     model = load_checkpoint(export.DEFAULT_CHECKPOINT)
     a = agreement(model, out / "onnx", export.DEFAULT_CHECKPOINT / "tokenizer.json", images=12)
     assert a["agreement"] >= 0.98 and a["region_cosine_min"] >= 0.99, a

@@ -5,11 +5,11 @@ from __future__ import annotations
 import onnx
 import pytest
 from google.protobuf import text_format
-from medpclip_core import tensors as T
 from tritonclient.grpc import model_config_pb2 as mc
 
 from medpclip import export, onnx_export
 from medpclip.real_inputs import real_inputs
+from medpclip_core import tensors as T
 
 
 @pytest.mark.parametrize("name", list(onnx_export.EXPORTABLES))

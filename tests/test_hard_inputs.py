@@ -15,12 +15,13 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import make_inputs
-from medpclip_core.dicom import read_dicom, to_request
 from pydicom.data import get_testdata_file
 from tritonclient.utils import InferenceServerException
 
 from medpclip import reference
-from medpclip_client import MedPClipClient, MedPClipError, Region, imaging
+from medpclip_client import MedPClipClient, MedPClipError, Region
+from medpclip_core import imaging
+from medpclip_core.dicom import read_dicom, to_request
 
 ATOL = 1e-4
 LABELS = ["a round hyperdense nodule", "a dark cyst", "normal tissue"]

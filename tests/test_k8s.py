@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from medpclip import deployment as D
 from medpclip import tensorrt_engine as te
+from medpclip_tools import deployment as D
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -24,7 +24,7 @@ PLAINTEXT = {"cpu-plaintext"}
 API_KEY = {"gpu-cert-manager"}
 KUBERNETES = "1.34.0"
 CRDS = ("monitoring.coreos.com/", "cert-manager.io/")  # no bundled schema; checked field by field
-LAUNCHER = ["python3", "-m", "medpclip.serve"]
+LAUNCHER = ["python3", "-m", "medpclip_tools.serve"]
 TLS_SECRET, KEYS_SECRET = "medpclip-grpc-tls", "medpclip-keys"
 
 pytestmark = pytest.mark.skipif(
@@ -128,7 +128,9 @@ def test_every_object_validates(rendered):
 def test_launcher_arguments_come_from_the_deployment_module(rendered):
     overlay, objs = rendered
     assert one(objs, "ConfigMap", "medpclip-server")["data"] == D.server_env()
-    assert D.ENV_FILE.read_text() == D.render_env(), "run python -m medpclip.deployment"
+    assert (ROOT / D.ENV_FILE).read_text() == D.render_env(), (
+        "run python -m medpclip_tools.deployment"
+    )
     triton = container(objs, "triton")
     assert {"configMapRef": {"name": "medpclip-server"}} in triton["envFrom"]
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}

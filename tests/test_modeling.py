@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medpclip_core import tensors as T
 
 from medpclip.config import ModelConfig
 from medpclip.model import CheckpointMismatch, build, load_checkpoint, save_checkpoint
 from medpclip.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from medpclip_core import tensors as T
 
 CFG = ModelConfig.load("tiny")
 S, G, M, B = CFG.vision.image_size, CFG.vision.grid, 4 * CFG.vision.grid, 2

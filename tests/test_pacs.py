@@ -24,12 +24,13 @@ from orthanc import (
 )
 
 from medpclip import export
-from medpclip.evaluate import centre_point
-from medpclip.phantoms import CANONICAL, phantoms, to_dicom
-from medpclip.serve import ServeProcess
-from medpclip_client import MedPClipClient, Region, imaging
+from medpclip_client import MedPClipClient, Region
 from medpclip_client.pacs import LOCAL_SCHEME, label_concept
 from medpclip_client.pacs.cli import main
+from medpclip_core import imaging
+from medpclip_tools.evaluate import centre_point
+from medpclip_tools.phantoms import CANONICAL, phantoms, to_dicom
+from medpclip_tools.serve import ServeProcess
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
@@ -72,7 +73,7 @@ def truncated_jpeg(data: bytes) -> bytes:
 def triton_url(tmp_path_factory):
     """The embedded default model (meaningful labels), served by a real tritonserver."""
     out = tmp_path_factory.mktemp("pacs_model")
-    assert export.main(["--checkpoint", str(export.DEFAULT_CHECKPOINT), "--out", str(out)]) == 0
+    export.export(checkpoint=export.DEFAULT_CHECKPOINT, out=out)
     with ServeProcess(out / "model_repository") as server:
         yield server.grpc_url
 

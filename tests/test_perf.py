@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import self_signed_certificate
 
-from medpclip.serve import ServeProcess
+from medpclip_tools.serve import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))

@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pydicom
-from medpclip_core import imaging
 
-from medpclip.phantoms import FINDINGS, KINDS, WINDOW, phantoms, to_dicom
+from medpclip_core import imaging
+from medpclip_tools.phantoms import FINDINGS, KINDS, WINDOW, phantoms, to_dicom
 
 
 def test_deterministic_from_seed():

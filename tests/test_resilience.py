@@ -23,9 +23,9 @@ import numpy as np
 import psutil
 import pytest
 
-from medpclip import deployment as D
-from medpclip.serve import ServeProcess
 from medpclip_client import MedPClipClient, Region
+from medpclip_tools import deployment as D
+from medpclip_tools.serve import ServeProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
 import storm  # noqa: E402

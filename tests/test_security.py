@@ -19,8 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from medpclip.serve import ServeProcess
 from medpclip_client import MedPClipClient, MedPClipError, Region
+from medpclip_tools.serve import ServeProcess
 
 API_KEY, ADMIN_KEY = "api-7f3c9e", "admin-51d2aa"
 PIXELS = np.full((64, 80), 120, np.uint8)

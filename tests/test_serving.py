@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import image_bytes, make_inputs, sample_image
-from medpclip_core import tensors as T
 
 from medpclip import reference
+from medpclip_core import tensors as T
 
 LABELS = ["a round hyperdense nodule", "a dark cyst", "a spiculated mass", "normal tissue"]
 H, W = 120, 200

@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 from google.protobuf import text_format
-from medpclip_core import tensors as T
 from tritonclient.grpc import model_config_pb2 as mc
 
 from medpclip import repository
 from medpclip import tensorrt_engine as te
+from medpclip_core import tensors as T
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(
@@ -160,26 +160,20 @@ def test_tensorrt_export_without_tensorrt_says_where_to_build(build_dir, capsys,
 
     out = tmp_path / "out"
     shutil.copytree(build_dir / "onnx", out / "onnx")
-    rc = export.main(
-        [
-            "--checkpoint",
-            str(build_dir / "ckpt"),
-            "--out",
-            str(out),
-            "--flavour",
-            "tensorrt",
-            "--skip-parity",
-        ]
-    )
-    assert rc == 1
-    assert "TensorRT is not installed here" in capsys.readouterr().err
+    with pytest.raises(export.ExportError, match="TensorRT is not installed here"):
+        export.export(
+            checkpoint=build_dir / "ckpt",
+            out=out,
+            flavour="tensorrt",
+            skip_parity=True,
+        )
     for spec in T.ENCODERS:  # the by-hand route is written anyway
         assert (out / "engines" / spec.name / "model.trtexec.sh").is_file()
 
 
 @needs_tensorrt
 def test_engines_build_and_match_onnx_runtime(build_dir, model):
-    from medpclip import tensorrt_parity
+    from medpclip_tools import tensorrt_parity
 
     engines = build_dir / "engines"
     for spec in T.ENCODERS:

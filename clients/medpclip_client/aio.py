@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from medpclip_core.tensors import MEDP_CLIP_TEXT
 
 from .client import (

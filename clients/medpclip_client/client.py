@@ -18,7 +18,7 @@ is retried, with exponential backoff and jitter; INVALID_ARGUMENT would fail the
 and DEADLINE_EXCEEDED means the time budget is spent, so neither is retried. Inference has no
 side effects, so a retried request cannot be applied twice.
 
-Deadlines and cancellations are safe: the server's gateway (`python -m medpclip.serve`) never
+Deadlines and cancellations are safe: the server's gateway (`python -m medpclip_tools.serve`) never
 passes them on to Triton, which crashes on them in 2.51 (server#7368). Keys: `api_key=` (or the
 environment variable MEDPCLIP_API_KEY) is sent as `authorization: Bearer <key>`.
 """
@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from medpclip_core.imaging import InputError
-from medpclip_core.tensors import MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT, ModelSpec, Tensor
 from PIL import Image
+
+from medpclip_core.auth import AUTH_HEADER, read_key_file  # noqa: F401 (read_key_file: API)
+from medpclip_core.errors import InputError
+from medpclip_core.tensors import MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT, ModelSpec, Tensor
 
 __all__ = [
     "InputError",
@@ -59,7 +61,6 @@ _T = TypeVar("_T")
 STATUS_INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
 STATUS_RETRYABLE = "StatusCode.UNAVAILABLE"  # the only status a client retries
 API_KEY_ENV = "MEDPCLIP_API_KEY"
-AUTH_HEADER = "authorization"  # as the gateway reads it (medpclip.deployment.AUTH_HEADER)
 STATUS_DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 # statuses meaning "the service is not there (now)": the CLI's exit code 4
 STATUS_UNAVAILABLE = (
@@ -377,20 +378,6 @@ def parse_text(response: Any) -> np.ndarray:
     if out is None:
         raise MedPClipError(f"response lacks output {_TEXT_OUT.name}")
     return np.array(out)
-
-
-def read_key_file(path: str | Path) -> str:
-    """A key from a file: its one line, surrounding whitespace stripped. ValueError if the
-    file cannot be read or is empty (a server or client started without its intended key must
-    not carry on silently). The key itself is never part of a message."""
-    try:
-        key = Path(path).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise ValueError(f"cannot read key file {path}: {reason}") from None
-    if not key:
-        raise ValueError(f"key file {path} is empty")
-    return key
 
 
 # --- retries, deadlines, connection options (shared by the sync and asyncio clients) ----------

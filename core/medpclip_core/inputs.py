@@ -123,9 +123,7 @@ def stack(items: Sequence[ModelInputs]) -> dict[str, np.ndarray]:
     def pad(p: Prompts) -> tuple[np.ndarray, np.ndarray]:
         k = n - p.point_coords.shape[1]
         coords = np.concatenate([p.point_coords, np.zeros((1, k, 2), np.float32)], 1)
-        labels = np.concatenate(
-            [p.point_labels, np.full((1, k), imaging.PAD_LABEL, np.int32)], 1
-        )
+        labels = np.concatenate([p.point_labels, np.full((1, k), imaging.PAD_LABEL, np.int32)], 1)
         return coords, labels
 
     padded = [pad(i.prompts) for i in items]

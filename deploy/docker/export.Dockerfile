@@ -9,9 +9,8 @@ COPY deploy/docker/requirements-export.txt /tmp/requirements-export.txt
 # them (the exporter runs with dynamo=False), so they take precedence here; torch, TensorRT and
 # numpy stay the image's, as nothing below pins them.
 RUN PIP_CONSTRAINT= pip install --no-cache-dir -r /tmp/requirements-export.txt
-COPY clients clients
+COPY core core
 COPY export export
-COPY model_repository model_repository
 # torch and TensorRT come with the image: install our packages without their pinned deps
-RUN pip install --no-cache-dir --no-deps -e clients -e export
+RUN pip install --no-cache-dir --no-deps ./core ./export
 ENTRYPOINT ["python", "-m", "medpclip.export"]

@@ -1,15 +1,17 @@
 # The `triton` service: NGC Triton 25.06 (2.59, TensorRT 10.11, Python 3.12) plus what our
-# python-backend models import (preprocessing, tokenizer, and ONNX Runtime for the CPU flavour)
-# and the launcher (`python3 -m medpclip.serve`): the gateway on the public ports, Triton on
+# python-backend models import (medpclip_core: preprocessing, tokenizer, ONNX Runtime for the CPU
+# flavour)
+# and the launcher (`python3 -m medpclip_tools.serve`): the gateway on the public ports, Triton on
 # loopback behind it. 25.06 is the first release with all of Triton's gRPC cancellation fixes
 # (README, "docker compose"); the gateway keeps cancellations away from Triton regardless.
 FROM nvcr.io/nvidia/tritonserver:25.06-py3
 COPY deploy/docker/requirements-triton.txt /tmp/requirements-triton.txt
 RUN pip install --no-cache-dir -r /tmp/requirements-triton.txt
-COPY clients /opt/medpclip/clients
-COPY export /opt/medpclip/export
-# --no-deps: the launcher (serve, supervisor, gateway, triton_process, deployment) imports no
-# torch; its grpcio and numpy come with the requirements above, and the image brings Triton.
-RUN pip install --no-cache-dir --no-deps /opt/medpclip/clients /opt/medpclip/export
+COPY core /opt/medpclip/core
+COPY tools /opt/medpclip/tools
+# --no-deps: medpclip_core's python-backend code needs only the requirements above; the launcher
+# (medpclip_tools: serve, supervisor, gateway, triton_process, deployment) imports no torch and
+# no client, only grpcio, tritonclient's protobufs and numpy. The image brings Triton.
+RUN pip install --no-cache-dir --no-deps /opt/medpclip/core /opt/medpclip/tools
 # NGC's entrypoint stays (it sets up CUDA forward compatibility); compose and Kubernetes pass
-# `python3 -m medpclip.serve ... --tritonserver /opt/tritonserver/bin/tritonserver` as the command.
+# `python3 -m medpclip_tools.serve ... --tritonserver /opt/tritonserver/bin/tritonserver` as the command.

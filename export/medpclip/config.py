@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 from medpclip_core.tensors import Dims
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+# model sizes as data: medpclip/configs/<size>.json (package data)
+CONFIG_DIR = Path(str(resources.files("medpclip") / "configs"))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Export MedP-CLIP to ONNX, check parity with PyTorch, and generate the Triton repository.
 
-    python -m medpclip.export --config tiny --out build
+    result = export(ExportOptions(out=Path("build")))   # the API
+    python -m medpclip.export --config tiny --out build # the CLI, a thin layer over it
 
 Idempotent: a second run with the same checkpoint, config and code reuses every output.
 """
@@ -10,6 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
 from medpclip_core import tensors as T
@@ -21,9 +25,47 @@ from .model import CONFIG, MedPClip, build, load_checkpoint, save_checkpoint
 from .real_inputs import real_inputs
 from .tokenizer import DEFAULT_TOKENIZER
 
-REPO = Path(__file__).resolve().parents[2]
-# The embedded default model (trained on phantoms, see its README) when present.
-DEFAULT_CHECKPOINT = REPO / "export" / "default_model"
+# The embedded default model (trained on phantoms, see its README), package data.
+DEFAULT_CHECKPOINT = Path(str(resources.files("medpclip") / "default_model"))
+INT8_MIN_COSINE = 0.99  # int8 vs fp32 embeddings on real inputs
+
+
+class ExportError(Exception):
+    """The export cannot produce a repository that would serve correct answers (a missing
+    checkpoint, ONNX Runtime off PyTorch, int8 drift, a TensorRT engine that cannot be built)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how; the CLI flags of the same names."""
+
+    checkpoint: Path | None = None  # None: the embedded model (tiny), else a fresh `config`
+    config: str = "tiny"  # model size or config JSON for a fresh model
+    seed: int = 0  # initialisation seed of a fresh model
+    out: Path = Path("build")  # onnx/, checkpoint/, engines/, model_repository/
+    flavour: str = "onnxruntime"  # or "tensorrt"
+    precision: str = "fp16"  # TensorRT engine precision
+    int8: bool = False  # onnxruntime flavour: int8 image/text encoders and mask decoder
+    engines: Path | None = None  # TensorRT engines folder (default: out/engines)
+    ort_threads: int = 0  # ONNX Runtime intra-op threads per encoder instance (0 = all cores)
+    instances: int = 1  # onnxruntime flavour: instances per encoder
+    queue_delay_us: int = 2000  # dynamic batching delay
+    skip_parity: bool = False
+
+
+@dataclass
+class ExportResult:
+    """Where everything went and what was measured."""
+
+    repository: Path  # the served copy, ready for tritonserver / medpclip_tools.serve
+    checkpoint: Path
+    onnx_dir: Path
+    model: str  # config name, e.g. "tiny"
+    parameters: int
+    # model -> (random inputs, real inputs) max |ONNX Runtime - PyTorch|; empty if skipped
+    parity: dict[str, tuple[float, float]] = field(default_factory=dict)
+    int8_cosine: float | None = None  # smallest int8 vs fp32 cosine, with options.int8
+    seconds: float = 0.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="checkpoint folder (config.json, model.safetensors, tokenizer.json); "
-        f"default: the embedded model in {DEFAULT_CHECKPOINT.relative_to(REPO)} "
+        "default: the embedded model (medpclip/default_model) "
         "if present, else a seeded fresh model of --config",
     )
     p.add_argument(
@@ -54,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        default=REPO / "build",
+        default=Path("build"),
         help="output folder (onnx/, checkpoint/, model_repository/)",
     )
     p.add_argument(
@@ -100,118 +142,152 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> tuple[MedPClip, Path]:
-    if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint), args.checkpoint
-    if args.config == "tiny" and (DEFAULT_CHECKPOINT / CONFIG).is_file():
+def resolve_checkpoint(
+    options: ExportOptions, log: Callable[[str], object] = print
+) -> tuple[MedPClip, Path]:
+    if options.checkpoint is not None:
+        return load_checkpoint(options.checkpoint), options.checkpoint
+    if options.config == "tiny" and (DEFAULT_CHECKPOINT / CONFIG).is_file():
         return load_checkpoint(DEFAULT_CHECKPOINT), DEFAULT_CHECKPOINT
-    cfg = ModelConfig.load(args.config)
-    directory = args.out / "checkpoint" / f"{cfg.name}-seed{args.seed}"
+    cfg = ModelConfig.load(options.config)
+    directory = options.out / "checkpoint" / f"{cfg.name}-seed{options.seed}"
     if (directory / CONFIG).is_file():
         model = load_checkpoint(directory)
         if model.cfg == cfg:
             return model, directory
-    model = build(cfg, seed=args.seed)
+    model = build(cfg, seed=options.seed)
     save_checkpoint(model, directory, DEFAULT_TOKENIZER)
-    print(f"  fresh '{cfg.name}' model (seed {args.seed}) saved to {directory}")
+    log(f"  fresh '{cfg.name}' model (seed {options.seed}) saved to {directory}")
     return model, directory
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    print("[1/4] model")
-    try:
-        model, checkpoint = resolve_checkpoint(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    n = sum(p.numel() for p in model.parameters())
-    print(f"  '{model.cfg.name}' from {checkpoint} ({n / 1e6:.2f} M parameters)")
+def export(
+    options: ExportOptions | None = None, log: Callable[[str], object] = print, **overrides
+) -> ExportResult:
+    """Checkpoint -> ONNX (cached) -> parity -> [int8 | TensorRT engines] -> repository.
 
-    print("[2/4] ONNX export")
-    onnx_dir = args.out / "onnx"
+    `overrides` replace fields of `options` (`export(out=tmp, skip_parity=True)`). Progress
+    goes to `log`, one line per step; ExportError when the result would not serve correctly."""
+    o = options or ExportOptions()
+    if overrides:
+        o = ExportOptions(**{**{f.name: getattr(o, f.name) for f in fields(o)}, **overrides})
+    if o.flavour not in repository.FLAVOURS:
+        raise ExportError(f"unknown flavour {o.flavour!r}; available: {repository.FLAVOURS}")
+    start = time.perf_counter()
+    log("[1/4] model")
+    try:
+        model, checkpoint = resolve_checkpoint(o, log)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ExportError(str(exc)) from exc
+    n = sum(p.numel() for p in model.parameters())
+    log(f"  '{model.cfg.name}' from {checkpoint} ({n / 1e6:.2f} M parameters)")
+    onnx_dir = o.out / "onnx"
+    result = ExportResult(o.out / "model_repository", checkpoint, onnx_dir, model.cfg.name, n)
+
+    log("[2/4] ONNX export")
     for name, ex in onnx_export.EXPORTABLES.items():
         key = onnx_export.cache_key(checkpoint, ex.spec)
-        onnx_export.export_onnx(model, name, onnx_dir / f"{name}.onnx", key)
+        onnx_export.export_onnx(model, name, onnx_dir / f"{name}.onnx", key, log)
 
-    ok = True
-    if args.skip_parity:
-        print("[3/4] parity: skipped")
+    if o.skip_parity:
+        log("[3/4] parity: skipped")
     else:
-        print(
-            f"[3/4] parity, ONNX Runtime vs PyTorch (fp32, max |diff|, limit "
-            f"{onnx_export.PARITY_ATOL:g})"
-        )
-        real = real_inputs(model, checkpoint / "tokenizer.json")
-        for name, ex in onnx_export.EXPORTABLES.items():
-            path = onnx_dir / f"{name}.onnx"
-            for kind, inputs in (("random", ex.sample_inputs(model.cfg)), ("real", real[name])):
-                diffs = onnx_export.parity(model, name, path, inputs)
-                worst = max(diffs.values())
-                ok &= worst <= onnx_export.PARITY_ATOL
-                detail = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-                flag = "ok" if worst <= onnx_export.PARITY_ATOL else "FAIL"
-                print(f"  {name:15s} {kind:6s} {worst:.2e} {flag}  ({detail})")
-    if not ok:
-        print("error: ONNX Runtime differs from PyTorch beyond the limit", file=sys.stderr)
-        return 1
-
-    if args.int8:
-        print("[3a] int8 quantisation (ONNX Runtime, dynamic)")
+        _parity(model, checkpoint, onnx_dir, result, log)
+    if o.int8:
+        log("[3a] int8 quantisation (ONNX Runtime, dynamic)")
         from .int8 import check_int8
 
         for name in onnx_export.INT8_MODELS:
-            onnx_export.quantize_int8(onnx_dir / f"{name}.onnx")
-        worst = check_int8(model, onnx_dir, checkpoint / "tokenizer.json")
-        if worst < 0.99:
-            print(
-                f"error: int8 embeddings drift from fp32 (cosine {worst:.4f} < 0.99)",
-                file=sys.stderr,
+            onnx_export.quantize_int8(onnx_dir / f"{name}.onnx", log)
+        result.int8_cosine = check_int8(model, onnx_dir, checkpoint / "tokenizer.json", log)
+        if result.int8_cosine < INT8_MIN_COSINE:
+            raise ExportError(
+                f"int8 embeddings drift from fp32 (cosine {result.int8_cosine:.4f} < "
+                f"{INT8_MIN_COSINE})"
             )
-            return 1
-    engines = args.engines or args.out / "engines"
-    if args.flavour == "tensorrt":
-        print(f"[3b] TensorRT engines ({args.precision}) in {engines}")
-        try:
-            for spec in T.ENCODERS:
-                trt_engine.build_engine(
-                    onnx_dir / f"{spec.name}.onnx",
-                    engines / spec.name,
-                    spec,
-                    model.cfg.dims,
-                    args.precision,
-                )
-        except trt_engine.EngineError as exc:
-            for spec in T.ENCODERS:  # the by-hand route still works from here
-                onnx = onnx_dir / f"{spec.name}.onnx"
-                trt_engine.write_trtexec_script(
-                    onnx,
-                    engines / spec.name,
-                    trt_engine.profile(spec, model.cfg.dims),
-                    args.precision,
-                )
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    engines = o.engines or o.out / "engines"
+    if o.flavour == "tensorrt":
+        log(f"[3b] TensorRT engines ({o.precision}) in {engines}")
+        _engines(model, onnx_dir, engines, o.precision)
 
-    print("[4/4] Triton model repository")
+    log("[4/4] Triton model repository")
     try:
         repository.generate(
-            args.out / "model_repository",
+            result.repository,
             onnx_dir,
             checkpoint,
-            flavour=args.flavour,
-            ort_threads=args.ort_threads,
-            instances=args.instances,
-            queue_delay_us=args.queue_delay_us,
+            flavour=o.flavour,
+            ort_threads=o.ort_threads,
+            instances=o.instances,
+            queue_delay_us=o.queue_delay_us,
             engines_dir=engines,
-            precision=args.precision,
-            int8=args.int8,
+            precision=o.precision,
+            int8=o.int8,
+            log=log,
         )
     except trt_engine.EngineError as exc:
+        raise ExportError(str(exc)) from exc
+    result.seconds = time.perf_counter() - start
+    log(f"done in {result.seconds:.1f} s")
+    return result
+
+
+def _parity(
+    model: MedPClip,
+    checkpoint: Path,
+    onnx_dir: Path,
+    result: ExportResult,
+    log: Callable[[str], object],
+) -> None:
+    limit = onnx_export.PARITY_ATOL
+    log(f"[3/4] parity, ONNX Runtime vs PyTorch (fp32, max |diff|, limit {limit:g})")
+    real = real_inputs(model, checkpoint / "tokenizer.json")
+    ok = True
+    for name, ex in onnx_export.EXPORTABLES.items():
+        path = onnx_dir / f"{name}.onnx"
+        worst_by_kind = []
+        for kind, inputs in (("random", ex.sample_inputs(model.cfg)), ("real", real[name])):
+            diffs = onnx_export.parity(model, name, path, inputs)
+            worst = max(diffs.values())
+            worst_by_kind.append(worst)
+            ok &= worst <= limit
+            detail = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            flag = "ok" if worst <= limit else "FAIL"
+            log(f"  {name:15s} {kind:6s} {worst:.2e} {flag}  ({detail})")
+        result.parity[name] = (worst_by_kind[0], worst_by_kind[1])
+    if not ok:
+        raise ExportError("ONNX Runtime differs from PyTorch beyond the limit")
+
+
+def _engines(model: MedPClip, onnx_dir: Path, engines: Path, precision: str) -> None:
+    try:
+        for spec in T.ENCODERS:
+            trt_engine.build_engine(
+                onnx_dir / f"{spec.name}.onnx", engines / spec.name, spec, model.cfg.dims, precision
+            )
+    except trt_engine.EngineError as exc:
+        for spec in T.ENCODERS:  # the by-hand route still works from here
+            trt_engine.write_trtexec_script(
+                onnx_dir / f"{spec.name}.onnx",
+                engines / spec.name,
+                trt_engine.profile(spec, model.cfg.dims),
+                precision,
+            )
+        raise ExportError(str(exc)) from exc
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    return ExportOptions(**{f.name: getattr(args, f.name) for f in fields(ExportOptions)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: exit 0 with a repository, 1 when the export refused (message on stderr)."""
+    args = parse_args(argv)
+    try:
+        export(options_from_args(args))
+    except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 

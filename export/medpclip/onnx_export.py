@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from medpclip_core import tensors as T
 from torch import nn
+
+from medpclip_core import tensors as T
 
 from .config import ModelConfig
 from .model import MedPClip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from medpclip_core import imaging
 
 from .model import MedPClip

@@ -1,22 +1,38 @@
-"""Generate a Triton model repository from the tensor declarations.
+"""Generate the Triton model repository from the tensor declarations.
 
-Sources: the declarations (`medpclip_core.tensors`), the exported ONNX files and a checkpoint.
-The python-backend models' code is `medpclip_core.backend`; each `1/model.py` imports it.
-Output: a complete repository (config.pbtxt for every model, written through Triton's own
-protobuf so an invalid field cannot be written). The ensembles, preprocessing and
-postprocessing do not depend on the flavour; only the four encoders do.
+One generator, two outputs:
+
+- the committable part (`source_files`): every model's `config.pbtxt`, written through Triton's
+  own protobuf (`model_config_pb2`) so an invalid field cannot be written, every python-backend
+  model's `1/model.py` (a short import of its code from `medpclip_core.backend`), and a
+  `.gitkeep` in each ensemble's (otherwise empty) version folder. Generated for the embedded
+  default model with default options, it is the committed `model_repository/` of a checkout:
+
+      python -m medpclip.repository           # rewrite ./model_repository
+      python -m medpclip.repository --check   # exit 1 naming every stale file
+
+- the served copy (`generate`, called by `python -m medpclip.export`): the same files for the
+  exported checkpoint and options, plus what cannot be committed: each encoder's `model.onnx`
+  (or, in the tensorrt flavour, its plans and a `tensorrt_plan` config naming them), the
+  checkpoint's `tokenizer.json`, and `medpclip.json` (what was exported).
+
+The ensembles, preprocessing and postprocessing do not depend on the flavour; only the four
+encoders do.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
-from medpclip_core import tensors as T
 from tritonclient.grpc import model_config_pb2 as mc
+
+from medpclip_core import tensors as T
 
 from . import tensorrt_engine as trt_engine
 from .config import ModelConfig
@@ -36,6 +52,17 @@ CUDA_GRAPH_MODELS = ("image_encoder",)
 # Label sets repeat (every request of a PACS integration sends the same list): answer a repeated
 # set from Triton's response cache (enabled by the server flag --cache-config).
 CACHED_MODELS = ("medp_clip_text",)
+ENCODER_NAMES = tuple(spec.name for spec in T.ENCODERS)
+# Models whose version folder holds the checkpoint's tokenizer (added by the export).
+TOKENIZER_MODELS = ("tokenizer", "preprocess")
+# Files of the committed folder that the generator does not write (and never removes).
+HAND_WRITTEN = ("README.md",)
+# Git keeps no empty folder; Triton needs an ensemble's version folder and ignores its files.
+KEEP_FILE = ".gitkeep"
+# The served copy's record of what was exported (config, flavour, int8, logit_scale).
+EXPORT_RECORD = "medpclip.json"
+REGENERATE = "python -m medpclip.repository"
+HEADER = f"# Generated from medpclip_core.tensors by {REGENERATE}: do not edit.\n"
 
 
 def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
@@ -64,6 +91,8 @@ def model_config(
                 input_map=step.input_map,
                 output_map=step.output_map,
             )
+        if spec.name in CACHED_MODELS:
+            cfg.response_cache.enable = True
         return cfg
     cfg.backend = "python"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
@@ -128,10 +157,14 @@ def collect_engines(
     return found
 
 
+def config_text(cfg: mc.ModelConfig) -> str:
+    """A config.pbtxt: the generated-file header and the protobuf's text format."""
+    return HEADER + text_format.MessageToString(cfg)
+
+
 def write_config(cfg: mc.ModelConfig, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.pbtxt"
-    path.write_text(text_format.MessageToString(cfg))
+    _write_text(path, config_text(cfg))
     return path
 
 
@@ -151,11 +184,113 @@ def model_source(spec: T.ModelSpec) -> str:
 
 def write_model_source(spec: T.ModelSpec, directory: Path) -> Path:
     path = directory / "1" / "model.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = model_source(spec)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+    _write_text(path, model_source(spec))
     return path
+
+
+def read_checkpoint(checkpoint: Path) -> tuple[ModelConfig, float]:
+    """What the generated files take from a checkpoint: its config and its logit scale."""
+    cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    return cfg, _logit_scale(checkpoint)
+
+
+def source_files(
+    checkpoint: Path,
+    ort_threads: int = 0,
+    instances: int = 1,
+    queue_delay_us: int = 2000,
+) -> dict[str, str]:
+    """The committable part of the repository for `checkpoint`: relative path -> text.
+
+    Every config.pbtxt (the encoders in the onnxruntime flavour), every python-backend model's
+    `1/model.py` and a `.gitkeep` in each ensemble's version folder. Depends on the checkpoint
+    only through its dims and logit scale, and on the options only in the encoders' configs."""
+    cfg, logit_scale = read_checkpoint(checkpoint)
+    dims = cfg.dims
+    params = {
+        "preprocess": {
+            "image_size": dims.S,
+            "mask_side": dims.M,
+            "max_image_side": T.MAX_IMAGE_SIDE,
+            "context_length": dims.L,
+            "max_labels": T.MAX_LABELS,
+        },
+        "tokenizer": {"context_length": dims.L, "max_labels": T.MAX_LABELS},
+        "postprocess": {"image_size": dims.S, "logit_scale": f"{logit_scale:.8g}"},
+    }
+    files: dict[str, str] = {}
+    for spec in T.ALL_MODELS:
+        if spec.name in ENCODER_NAMES:
+            ort = {"intra_op_threads": ort_threads}
+            msg = model_config(spec, dims, ort, instances, queue_delay_us)
+        elif spec.name in params:
+            msg = model_config(spec, dims, params[spec.name])
+        else:
+            msg = model_config(spec, dims)
+        files[f"{spec.name}/config.pbtxt"] = config_text(msg)
+        if spec.name in BACKEND_MODULES:
+            files[f"{spec.name}/1/model.py"] = model_source(spec)
+        else:
+            files[f"{spec.name}/1/{KEEP_FILE}"] = ""
+    return files
+
+
+def write_files(out: Path, files: dict[str, str], keep: set[str] = frozenset()) -> list[str]:
+    """Write `files` (relative path -> text) under `out`, touching only those that change, and
+    remove what else lies in a model's folder (another flavour's or an older declaration's
+    files) unless `keep` names it. Returns the relative paths written or removed."""
+    changed = []
+    for name, text in files.items():
+        if _write_text(out / name, text):
+            changed.append(name)
+    models = {d.name for d in out.iterdir() if _is_model_folder(d)}
+    for name in sorted(_extra(out, {*files, *keep})):
+        if "/" in name and name.split("/")[0] in models:
+            (out / name).unlink()
+            changed.append(name)
+    for name in models - {spec.name for spec in T.ALL_MODELS}:  # no longer declared, now empty
+        shutil.rmtree(out / name)
+    return changed
+
+
+def stale_files(out: Path, files: dict[str, str]) -> list[str]:
+    """What makes `out` differ from `files`: one 'path (why)' per missing, differing or extra
+    file (HAND_WRITTEN files and __pycache__ aside); empty when `out` is up to date."""
+    stale = []
+    for name, text in files.items():
+        path = out / name
+        if not path.is_file():
+            stale.append(f"{name} (missing)")
+        elif path.read_text() != text:
+            stale.append(f"{name} (differs)")
+    stale += [f"{name} (not generated)" for name in sorted(_extra(out, set(files)))]
+    return stale
+
+
+def _extra(out: Path, expected: set[str]) -> set[str]:
+    if not out.is_dir():
+        return set()
+    present = {
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file() and "__pycache__" not in p.relative_to(out).parts
+    }
+    return present - expected - set(HAND_WRITTEN)
+
+
+def _is_model_folder(d: Path) -> bool:
+    return d.is_dir() and (
+        d.name in {spec.name for spec in T.ALL_MODELS} or (d / "config.pbtxt").is_file()
+    )
+
+
+def _write_text(path: Path, text: str) -> bool:
+    """Write unless unchanged (a repository under polling must not see untouched files move)."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return True
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -182,64 +317,40 @@ def generate(
     int8: bool = False,
     log=print,
 ) -> Path:
-    """Write the complete repository to `out` and return it. The tensorrt flavour takes its
-    plans from `engines_dir` and refuses any that do not match (EngineError); `int8` serves the
-    onnxruntime flavour's quantised encoders (`<name>.int8.onnx`, see onnx_export)."""
+    """Write the served copy to `out` and return it: `source_files` plus the artifacts.
+
+    The tensorrt flavour replaces each encoder's config and model.py by a `tensorrt_plan`
+    config and the plans from `engines_dir`, refusing any that do not match (EngineError);
+    `int8` serves the onnxruntime flavour's quantised encoders (`<name>.int8.onnx`, see
+    onnx_export)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; available: {', '.join(FLAVOURS)}")
-    cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
-    dims = cfg.dims
-    logit_scale = _logit_scale(checkpoint)
-    params = {
-        "preprocess": {
-            "image_size": dims.S,
-            "mask_side": dims.M,
-            "max_image_side": T.MAX_IMAGE_SIDE,
-            "context_length": dims.L,
-            "max_labels": T.MAX_LABELS,
-        },
-        "tokenizer": {"context_length": dims.L, "max_labels": T.MAX_LABELS},
-        "postprocess": {"image_size": dims.S, "logit_scale": f"{logit_scale:.8g}"},
-    }
+    cfg, logit_scale = read_checkpoint(checkpoint)
+    files = source_files(checkpoint, ort_threads, instances, queue_delay_us)
+    artifacts: dict[str, Path] = {}  # relative path -> source, copied as is
     for spec in T.ENCODERS:
-        d = out / spec.name
         onnx = onnx_dir / f"{spec.name}.onnx"
         if flavour == "tensorrt":
             plans = collect_engines(spec, engines_dir or out.parent / "engines", onnx, precision)
-            write_config(tensorrt_config(spec, dims, {cc: p.name for cc, p in plans.items()}), d)
-            files = {p.name: p for p in plans.values()}
+            engines = {cc: p.name for cc, p in plans.items()}
+            files[f"{spec.name}/config.pbtxt"] = config_text(
+                tensorrt_config(spec, cfg.dims, engines)
+            )
+            del files[f"{spec.name}/1/model.py"]
+            artifacts.update({f"{spec.name}/1/{p.name}": p for p in plans.values()})
         else:
-            ort = {"intra_op_threads": ort_threads}
-            write_config(model_config(spec, dims, ort, instances, queue_delay_us), d)
             if int8 and spec.name in INT8_MODELS:
                 onnx = onnx.with_suffix(".int8.onnx")
-            files = {"model.onnx": onnx}
-            write_model_source(spec, d)
-        for name, src in files.items():
-            _copy(src, d / "1" / name)
-        keep = {*files, "model.py"} if flavour != "tensorrt" else set(files)
-        for stale in (d / "1").iterdir():  # what another flavour left behind
-            if stale.is_file() and stale.name not in keep:
-                stale.unlink()
-    for spec in T.PYTHON_MODELS:
-        d = out / spec.name
-        write_config(model_config(spec, dims, params[spec.name]), d)
-        write_model_source(spec, d)
-    for name in ("tokenizer", "preprocess"):
-        _copy(checkpoint / TOKENIZER, out / name / "1" / TOKENIZER)
-    for spec in T.ENSEMBLES:
-        d = out / spec.name
-        cfg_msg = model_config(spec, dims)
-        if spec.name in CACHED_MODELS:
-            cfg_msg.response_cache.enable = True
-        write_config(cfg_msg, d)
-        (d / "1").mkdir(exist_ok=True)  # an ensemble still needs a version folder
-    (out / "medpclip.json").write_text(
-        json.dumps(
-            {"config": cfg.to_dict(), "flavour": flavour, "int8": int8, "logit_scale": logit_scale},
-            indent=2,
-        )
+            artifacts[f"{spec.name}/1/model.onnx"] = onnx
+    for name in TOKENIZER_MODELS:
+        artifacts[f"{name}/1/{TOKENIZER}"] = checkpoint / TOKENIZER
+    files[EXPORT_RECORD] = json.dumps(
+        {"config": cfg.to_dict(), "flavour": flavour, "int8": int8, "logit_scale": logit_scale},
+        indent=2,
     )
+    write_files(out, files, keep=set(artifacts))
+    for name, src in artifacts.items():
+        _copy(src, out / name)
     log(f"  repository: {out} ({len(T.ALL_MODELS)} models, flavour {flavour})")
     return out
 
@@ -249,3 +360,60 @@ def _logit_scale(checkpoint: Path) -> float:
 
     with safe_open(str(checkpoint / "model.safetensors"), "np") as f:
         return float(np.exp(f.get_tensor("logit_scale")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog=REGENERATE,
+        description=(
+            "Write (or check) the committable part of the Triton model repository: every "
+            "model's config.pbtxt and every python-backend model's 1/model.py, generated from "
+            "the tensor declarations (medpclip_core.tensors) for the embedded default model "
+            "with default options. The export writes the served copy (build/model_repository) "
+            "from the same generator and adds the ONNX files, TensorRT engines and tokenizer."
+        ),
+        epilog=(
+            "Run it from the checkout's root after changing a declaration or the generator, "
+            "and commit the result; `--check` is what the tests run."
+        ),
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("model_repository"),
+        help="the folder to write or check, relative to the working directory "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 naming every file that is missing, differs from the "
+        "generator's output or is not generated (README.md aside)",
+    )
+    args = p.parse_args(argv)
+    from .export import DEFAULT_CHECKPOINT  # export imports this module
+
+    files = source_files(DEFAULT_CHECKPOINT)
+    out: Path = args.out
+    if args.check:
+        stale = stale_files(out, files)
+        if stale:
+            command = REGENERATE + ("" if out == Path("model_repository") else f" --out {out}")
+            print(f"{out} is stale: run {command}", file=sys.stderr)
+            for line in stale:
+                print(f"  {line}", file=sys.stderr)
+            return 1
+        print(f"{out} is up to date ({len(files)} generated files)")
+        return 0
+    changed = write_files(out, files)
+    left = stale_files(out, files)  # files outside the models' folders
+    for name in changed:
+        print(f"  {name}")
+    print(f"{out}: {len(changed)} of {len(files)} generated files changed")
+    for line in left:
+        print(f"  left alone: {line}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
+
 from medpclip_core import tensors as T
 
 PRECISIONS = ("fp16", "fp32")

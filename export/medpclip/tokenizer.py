@@ -6,13 +6,14 @@ server's tokenizer model, the export's parity checks and training all encode ide
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(str(resources.files("medpclip") / "assets"))  # package data
 DEFAULT_TOKENIZER = ASSETS / "tokenizer.json"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -38,14 +38,15 @@ from types import TracebackType
 
 import numpy as np
 import pydicom
+from pydicom import Dataset
+from pydicom.uid import UID
+
 from medpclip_core.imaging import (
     InputError,
     check_pixel_data,
     decode_pixel_data,
     register_gdcm_12bit,
 )
-from pydicom import Dataset
-from pydicom.uid import UID
 
 from ..client import DEFAULT_URL, MedPClipClient, MedPClipError, Region, Result
 from .dicomweb import EXPLICIT_LE, DicomWeb, ErrorKind, InstanceRef, PacsError
@@ -345,7 +346,7 @@ class Bridge:
         if exc.unavailable:
             return PacsError(
                 f"the inference server at {self.triton_url} is unreachable or not ready "
-                f"({exc.status}): {exc.message}; start it (python -m medpclip.serve) or fix "
+                f"({exc.status}): {exc.message}; start it (python -m medpclip_tools.serve) or fix "
                 "--triton",
                 ErrorKind.UNREACHABLE,
             )

@@ -40,4 +40,3 @@ class TritonPythonModel:
             pb_utils.Tensor("MASK_LOGITS", logits),
             pb_utils.Tensor("IOU", _get(request, "iou").reshape(1).astype(np.float32)),
         ]
-

@@ -11,7 +11,8 @@ or in tests:
 * :class:`TritonServer` starts the server on free loopback ports, waits until it is ready, and on
   stop removes the python backend's shared-memory regions that *this* server leaked.
 
-The command line (`python -m medpclip.serve`) runs this process behind the gateway; see serve.py.
+The command line (`python -m medpclip_tools.serve`) runs this process behind the gateway;
+see serve.py.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# Generated files go under build/ so they never mix with tracked sources.
-DEFAULT_CACHE = REPO_ROOT / "build" / "triton"
-DEFAULT_REPOSITORY = REPO_ROOT / "build" / "model_repository"
+# Relative to the working directory (a checkout's root: where `make` and the export put them);
+# generated files go under build/ so they never mix with tracked sources.
+DEFAULT_CACHE = Path("build") / "triton"
+DEFAULT_REPOSITORY = Path("build") / "model_repository"
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"

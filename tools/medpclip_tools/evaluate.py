@@ -1,6 +1,6 @@
 """Evaluate the served model on held-out phantoms, through real Triton over gRPC.
 
-    python -m medpclip.evaluate --images 200 --seed 1000
+    python -m medpclip_tools.evaluate --images 200 --seed 1000
 
 Sends each phantom as a DICOM file (server-side decoding, window from the tags) with a point,
 a box and a mask prompt on each finding, and with no prompt; prints region-level zero-shot
@@ -108,7 +108,7 @@ def report(s: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m medpclip.evaluate",
+        prog="python -m medpclip_tools.evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -118,16 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         "--url",
         help="a running server's gRPC host:port; default: export the default model and start one",
     )
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "build")
+    p.add_argument("--out", type=Path, default=Path("build"))
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     args = p.parse_args(argv)
     if args.url:
         scores = evaluate(args.url, args.images, args.seed)
     else:
-        from . import export
+        from medpclip import export
+
         from .serve import ServeProcess
 
-        if export.main(["--out", str(args.out), "--skip-parity"]) != 0:
+        try:
+            export.export(out=args.out, skip_parity=True)
+        except export.ExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
         with ServeProcess(args.out / "model_repository") as server:
             scores = evaluate(server.grpc_url, args.images, args.seed)

@@ -2,7 +2,7 @@
 at each of two findings on a phantom CT slice through the client CLI, print the answers, save a
 mask overlay, stop.
 
-    python -m medpclip.demo            (what `make demo` runs)
+    python -m medpclip_tools.demo            (what `make demo` runs)
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from medpclip_core import imaging
 from PIL import Image
 
+from medpclip import export
 from medpclip_client import cli
+from medpclip_core import imaging
 
-from . import export
 from .evaluate import centre_point
 from .phantoms import CANONICAL, WINDOW, Phantom, phantoms, to_dicom
 from .serve import ServeProcess
 
-REPO = Path(__file__).resolve().parents[2]
 COLOURS = [(230, 60, 60), (60, 200, 90), (70, 130, 240)]
 
 
@@ -44,15 +43,18 @@ def overlay(p: Phantom, masks: list[np.ndarray], points: list[tuple[float, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m medpclip.demo",
+        prog="python -m medpclip_tools.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=REPO / "build", help="build folder")
+    p.add_argument("--out", type=Path, default=Path("build"), help="build folder")
     args = p.parse_args(argv)
 
     print("== 1. export (ONNX, parity, repository) ==")
-    if export.main(["--out", str(args.out)]) != 0:
+    try:
+        export.export(out=args.out)
+    except export.ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     demo = args.out / "demo"
     demo.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
-    print("\n== 2. start the server (python -m medpclip.serve: gateway + Triton, 127.0.0.1) ==")
+    print(
+        "\n== 2. start the server (python -m medpclip_tools.serve: gateway + Triton, 127.0.0.1) =="
+    )
     masks, points = [], []
     with ServeProcess(args.out / "model_repository") as server:
         print(server.ready_line)

@@ -1,7 +1,7 @@
 """Runs Triton behind the gateway: deep health, restarts, and the stop sequence.
 
-One asyncio loop holds the :class:`~medpclip.gateway.Gateway` (public ports) and watches the
-``tritonserver`` child (:class:`~medpclip.triton_process.TritonServer`, on loopback):
+One asyncio loop holds the :class:`~medpclip_tools.gateway.Gateway` (public ports) and watches the
+``tritonserver`` child (:class:`~medpclip_tools.triton_process.TritonServer`, on loopback):
 
 * **Deep health**, every ``tick_s``: Triton's process alive, every python-backend stub it
   started still alive (2.51 keeps a model "ready" after its stub died, and every request then
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medpclip_core import tensors as T
+
 from . import deployment as D
 from .gateway import Gateway, HealthState, Keys, TlsFiles
 from .triton_process import TritonServer
@@ -41,7 +43,7 @@ MAX_FAILED_STARTS = 5
 
 @dataclass
 class Options:
-    """Everything `python -m medpclip.serve` takes (see its --help)."""
+    """Everything `python -m medpclip_tools.serve` takes (see its --help)."""
 
     repository: Path
     host: str = "127.0.0.1"
@@ -82,11 +84,12 @@ class Canary:
         self._client = None
 
     async def _connect(self):
-        from medpclip_client import AsyncMedPClipClient
+        # tritonclient itself, not medpclip_client: the serving image installs no client
+        from tritonclient.grpc.aio import InferenceServerClient
 
         if self._client is None:
-            self._client = AsyncMedPClipClient(self.url, timeout_s=None, retries=0)
-            index = await self._client.triton.get_model_repository_index()
+            self._client = InferenceServerClient(self.url)
+            index = await self._client.get_model_repository_index()
             loaded = {m.name for m in index.models if m.state == "READY"}
             self.models = [m for m in D.MODELS if m in loaded]
         return self._client
@@ -95,7 +98,7 @@ class Canary:
         """(successes, failures) so far per model (None if Triton cannot say)."""
         try:
             client = await self._connect()
-            stats = await client.triton.get_inference_statistics()
+            stats = await client.get_inference_statistics()
         except Exception:  # noqa: BLE001 - a health probe reports, it does not raise
             return None
         return {
@@ -136,9 +139,7 @@ class Canary:
         if self.completed(now) == self.completed(before):
             return True
         pending = await self.pending()
-        return any(
-            pending.get(m, 0) > 0 and sum(now[m]) == sum(before.get(m, (0, 0))) for m in now
-        )
+        return any(pending.get(m, 0) > 0 and sum(now[m]) == sum(before.get(m, (0, 0))) for m in now)
 
     @staticmethod
     def completed(progress: dict[str, tuple[int, int]] | None) -> int | None:
@@ -163,28 +164,22 @@ class Canary:
     async def run(self, unproven: set[str] | None = None) -> None:
         """One round through the ensembles whose models are ``unproven`` (all by default);
         sets ``error`` (None when every request was answered)."""
-        from medpclip_client import Region
-        from medpclip_client.client import text_inputs
-
         self.started = time.monotonic()
-        label = ["a canary"]
         try:
             client = await self._connect()
-            pixels = np.full((48, 64), 100, np.uint8)
-            pixels[16:32, 24:40] = 200
-            region = Region(points=[(32, 24)])
             # the image ensembles visit every composing model but the tokenizer
             image_path = unproven is None or bool(unproven - {"tokenizer"})
             if image_path and "medp_clip" in self.models:
-                result = await client.infer(pixels, region, labels=label)
-                if not np.isfinite(result.region_probs).all():
+                result = await client.infer("medp_clip", _inputs(T.MEDP_CLIP, CANARY_IMAGE))
+                if not np.isfinite(result.as_numpy("REGION_PROBS")).all():
                     raise RuntimeError("canary answer is not finite")
             elif image_path and "medp_clip_image" in self.models:
-                await client.infer(pixels, region)
+                await client.infer("medp_clip_image", _inputs(T.MEDP_CLIP_IMAGE, CANARY_IMAGE))
             if (unproven is None or "tokenizer" in unproven) and "medp_clip_text" in self.models:
                 # the tokenizer itself, not medp_clip_text: that ensemble's response cache
                 # would answer for a dead tokenizer, and fill with canary entries
-                await client.triton.infer("tokenizer", text_inputs(label))
+                labels = {"LABELS": CANARY_IMAGE["LABELS"]}
+                await client.infer("tokenizer", _inputs(T.TOKENIZER, labels))
             self.error = None
         except Exception as exc:  # noqa: BLE001 - any failure is the finding
             self.error = f"canary failed: {type(exc).__name__}: {str(exc)[:200]}"
@@ -194,6 +189,33 @@ class Canary:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _canary_image() -> dict[str, np.ndarray]:
+    pixels = np.full((48, 64, 1), 100, np.float32)
+    pixels[16:32, 24:40] = 200
+    return {
+        "PIXELS": pixels,
+        "POINTS": np.array([[32, 24]], np.float32),
+        "LABELS": np.array([b"a canary"], dtype=object),
+    }
+
+
+CANARY_IMAGE = _canary_image()
+
+
+def _inputs(spec: T.ModelSpec, arrays: dict[str, np.ndarray]) -> list:
+    """tritonclient inputs named and typed by the declaration (only those `spec` takes)."""
+    from tritonclient.grpc import InferInput
+
+    inputs = []
+    for t in spec.inputs:
+        if t.name in arrays:
+            a = arrays[t.name]
+            inp = InferInput(t.name, list(a.shape), t.triton_type)
+            inp.set_data_from_numpy(a)
+            inputs.append(inp)
+    return inputs
 
 
 class Supervisor:

@@ -1,7 +1,7 @@
 """TensorRT vs ONNX Runtime parity per model (polygraphy runners), and end to end through Triton.
 
-    python -m medpclip.tensorrt_parity --out build                 # per engine, on this GPU
-    python -m medpclip.tensorrt_parity --out build --url HOST:8001 # a served tensorrt repository
+    python -m medpclip_tools.tensorrt_parity --out build                  # per engine, this GPU
+    python -m medpclip_tools.tensorrt_parity --out build --url HOST:8001  # a served repository
 
 Limits: embeddings (and every other output) cosine >= 0.999 per row; max |diff| is printed.
 Needs TensorRT (NVIDIA's containers on the target GPU); elsewhere it says so and exits 1.
@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from medpclip_core import tensors as T
 
-from .model import load_checkpoint
-from .onnx_export import cosine_rows
-from .real_inputs import real_inputs
-from .tensorrt_engine import EngineError, engine_name, gpu_identity
+from medpclip.model import load_checkpoint
+from medpclip.onnx_export import cosine_rows
+from medpclip.real_inputs import real_inputs
+from medpclip.tensorrt_engine import EngineError, engine_name, gpu_identity
+from medpclip_core import tensors as T
 
 COSINE_MIN = 0.999
 
@@ -59,9 +59,9 @@ def compare_engines(out: Path, checkpoint: Path) -> bool:
 
 def compare_served(url: str, checkpoint: Path, images: int = 8) -> bool:
     """The served ensemble (any flavour) against the PyTorch reference on phantoms."""
+    from medpclip import reference
     from medpclip_client import MedPClipClient, Region
 
-    from . import reference
     from .evaluate import centre_point
     from .phantoms import CANONICAL, phantoms, to_dicom
 
@@ -93,7 +93,7 @@ def compare_served(url: str, checkpoint: Path, images: int = 8) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m medpclip.tensorrt_parity",
+        prog="python -m medpclip_tools.tensorrt_parity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--url", help="also compare a served repository end to end")
     args = p.parse_args(argv)
-    from .export import DEFAULT_CHECKPOINT
+    from medpclip.export import DEFAULT_CHECKPOINT
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     try:

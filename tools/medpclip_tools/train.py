@@ -1,6 +1,6 @@
 """Train the embedded default model on phantom slices (2 CPU cores, minutes, fixed seed).
 
-    python -m medpclip.train --out export/default_model
+    python -m medpclip_tools.train --out export/default_model
 
 Losses: region-text cross-entropy over the finding labels for point, box and mask prompts;
 image-caption contrastive loss on whole images (some samples carry no prompt, so the global
@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from medpclip.config import ModelConfig
+from medpclip.model import MedPClip, build, save_checkpoint
+from medpclip.real_inputs import text_batch
+from medpclip.tokenizer import DEFAULT_TOKENIZER
 from medpclip_core import imaging
 
-from .config import ModelConfig
-from .model import MedPClip, build, save_checkpoint
 from .phantoms import FINDINGS, KINDS, WINDOW, Phantom, phantoms
-from .real_inputs import text_batch
-from .tokenizer import DEFAULT_TOKENIZER
 
 PROMPT_KINDS = ("point", "box", "mask", "none")
 PROMPT_P = (0.35, 0.3, 0.2, 0.15)
@@ -165,7 +166,7 @@ def train_step(model, data, rng, batch, cfg) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m medpclip.train",
+        prog="python -m medpclip_tools.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(model, args.out, DEFAULT_TOKENIZER)
     minutes = (time.perf_counter() - start) / 60
     record = {
-        "command": "python -m medpclip.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m medpclip_tools.train "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "steps": args.steps,
         "batch": args.batch,

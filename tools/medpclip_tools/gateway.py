@@ -38,9 +38,7 @@ from pathlib import Path
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from medpclip_client.client import read_key_file
-
-from .deployment import AUTH_HEADER
+from medpclip_core.auth import AUTH_HEADER, read_key_file
 
 __all__ = ["Gateway", "HealthState", "Keys", "TlsFiles", "read_key"]
 
@@ -91,8 +89,8 @@ class Keys:
         if method in HEALTH:
             return None
         token = self._presented(metadata)
-        is_admin = self.admin is not None and token is not None and hmac.compare_digest(
-            token, self.admin
+        is_admin = (
+            self.admin is not None and token is not None and hmac.compare_digest(token, self.admin)
         )
         if method in INFERENCE or method == STREAMING:
             if self.api is None or is_admin:
@@ -264,8 +262,10 @@ class Gateway:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError:  # grpc's "Failed to bind": an OSError for the caller
-            raise OSError(f"cannot listen on {address} (gRPC): the port is taken or the "
-                          "address is not this machine's") from None
+            raise OSError(
+                f"cannot listen on {address} (gRPC): the port is taken or the "
+                "address is not this machine's"
+            ) from None
         self.grpc_port = port
         await server.start()
         self._server = server

@@ -1,9 +1,10 @@
-"""``python -m medpclip.serve``: Triton behind the gateway, the way every deployment runs it.
+"""``python -m medpclip_tools.serve``: Triton behind the gateway, the way every deployment runs it.
 
-The launcher starts ``tritonserver`` on loopback (:mod:`medpclip.triton_process`) and the
-gateway on the public ports (:mod:`medpclip.gateway`), watches both (:mod:`medpclip.supervisor`)
-and stops them in order. :class:`ServeProcess` runs the launcher as a child process, for the
-demo, the tests and scripts that need a server the way users get one.
+The launcher starts ``tritonserver`` on loopback (:mod:`medpclip_tools.triton_process`) and
+the gateway on the public ports (:mod:`medpclip_tools.gateway`), watches both
+(:mod:`medpclip_tools.supervisor`) and stops them in order. :class:`ServeProcess` runs the
+launcher as a child process, for the demo, the tests and scripts that need a server the way
+users get one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from medpclip_core.auth import AUTH_HEADER
+
 from . import deployment as D
 from .gateway import Keys, TlsFiles, read_key
 from .supervisor import Options, Supervisor
@@ -36,7 +39,7 @@ from .triton_process import (
 
 __all__ = ["DEFAULT_REPOSITORY", "ServeProcess", "TritonServer", "main"]
 
-LOG = logging.getLogger("medpclip.serve")
+LOG = logging.getLogger("medpclip_tools.serve")
 READY_PREFIX = "Triton ready:"
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 
@@ -72,19 +75,19 @@ exit codes: 0 after a requested stop, 1 if the server fails to start or dies for
 
 _EPILOG = f"""\
 examples:
-  python -m medpclip.serve --repository build/model_repository
-  python -m medpclip.serve --grpc-port 0 --http-port 0 --metrics-port 0   # free ports
-  python -m medpclip.serve --host 0.0.0.0 --tls-cert tls.crt --tls-key tls.key \\
+  python -m medpclip_tools.serve --repository build/model_repository
+  python -m medpclip_tools.serve --grpc-port 0 --http-port 0 --metrics-port 0   # free ports
+  python -m medpclip_tools.serve --host 0.0.0.0 --tls-cert tls.crt --tls-key tls.key \\
       --api-key-file api-key --admin-key-file admin-key
 
-clients send keys as the header '{D.AUTH_HEADER}: Bearer <key>'
+clients send keys as the header '{AUTH_HEADER}: Bearer <key>'
 (medpclip-client: MEDPCLIP_API_KEY or --api-key-file).
 """
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m medpclip.serve",
+        prog="python -m medpclip_tools.serve",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -292,7 +295,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 class ServeProcess:
-    """``python -m medpclip.serve`` as a child process on free loopback ports.
+    """``python -m medpclip_tools.serve`` as a child process on free loopback ports.
 
     Example::
 
@@ -371,7 +374,7 @@ class ServeProcess:
         return self._process is not None and self._process.poll() is None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "medpclip.serve", *self.args]
+        return [sys.executable, "-m", "medpclip_tools.serve", *self.args]
 
     def start(self) -> ServeProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +395,7 @@ class ServeProcess:
                 self.stop()
                 what = f"exited with code {code}" if code is not None else "not ready in time"
                 raise RuntimeError(
-                    f"medpclip.serve {what}; last lines of {self.log_file}:\n"
+                    f"medpclip_tools.serve {what}; last lines of {self.log_file}:\n"
                     f"{_tail(self.log_file)}"
                 )
         return self
@@ -427,7 +430,7 @@ class ServeProcess:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                LOG.warning("medpclip.serve did not stop in %g s; killing it", timeout)
+                LOG.warning("medpclip_tools.serve did not stop in %g s; killing it", timeout)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._process = None
