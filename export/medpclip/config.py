@@ -11,6 +11,8 @@ from medpclip_core.tensors import Dims
 
 # model sizes as data: medpclip/configs/<size>.json (package data)
 CONFIG_DIR = Path(str(resources.files("medpclip") / "configs"))
+# The embedded default model (tiny, trained on phantoms; see its README), package data.
+DEFAULT_CHECKPOINT = Path(str(resources.files("medpclip") / "default_model"))
 
 
 @dataclass(frozen=True)

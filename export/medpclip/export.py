@@ -13,20 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 
 from medpclip_core import tensors as T
 
 from . import onnx_export, repository
 from . import tensorrt_engine as trt_engine
-from .config import ModelConfig, available_sizes
+from .config import DEFAULT_CHECKPOINT, ModelConfig, available_sizes
 from .model import CONFIG, MedPClip, build, load_checkpoint, save_checkpoint
 from .real_inputs import real_inputs
 from .tokenizer import DEFAULT_TOKENIZER
 
-# The embedded default model (trained on phantoms, see its README), package data.
-DEFAULT_CHECKPOINT = Path(str(resources.files("medpclip") / "default_model"))
 INT8_MIN_COSINE = 0.99  # int8 vs fp32 embeddings on real inputs
 
 
