@@ -1,7 +1,7 @@
 # The two commands in the README: `make demo` and `make test`. Both set up a fresh machine first.
 VENV := .venv/bin
 
-.PHONY: setup demo test lint export serve bench perf clean
+.PHONY: setup demo test lint export repository serve bench perf clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ lint: setup
 
 export: setup
 	$(VENV)/python -m medpclip.export
+
+# regenerate the committed model_repository/ from the tensor declarations (tests check it)
+repository: setup
+	$(VENV)/python -m medpclip.repository
 
 serve: export
 	$(VENV)/python -m medpclip_tools.serve --repository build/model_repository

@@ -212,7 +212,7 @@ def _inputs(spec: T.ModelSpec, arrays: dict[str, np.ndarray]) -> list:
     for t in spec.inputs:
         if t.name in arrays:
             a = arrays[t.name]
-            inp = InferInput(t.name, list(a.shape), t.triton_type)
+            inp = InferInput(t.name, list(a.shape), t.wire_type)
             inp.set_data_from_numpy(a)
             inputs.append(inp)
     return inputs
