@@ -31,6 +31,7 @@ from .supervisor import Options, Supervisor
 from .triton_process import (
     DEFAULT_CACHE,
     DEFAULT_REPOSITORY,
+    Endpoints,
     TritonServer,
     _format_host,
     _free_ports,
@@ -294,7 +295,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class ServeProcess:
+class ServeProcess(Endpoints):
     """``python -m medpclip_tools.serve`` as a child process on free loopback ports.
 
     Example::
@@ -322,7 +323,7 @@ class ServeProcess:
         # (gRPC, HTTP health, metrics, Triton's own gRPC); a restart test reuses a server's
         ports = list(ports) if ports is not None else _free_ports("127.0.0.1", 4)
         self.grpc_port, self.http_port, self.metrics_port, self.triton_grpc_port = ports
-        self.host = "127.0.0.1"
+        self.host = self.metrics_host = "127.0.0.1"
         self.cache = Path(cache) if cache is not None else DEFAULT_CACHE
         self.log_file = (
             Path(log_file) if log_file else self.cache / "logs" / f"serve-{self.grpc_port}.log"
@@ -348,30 +349,9 @@ class ServeProcess:
         return (self.grpc_port, self.http_port, self.metrics_port, self.triton_grpc_port)
 
     @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-    @property
     def triton_url(self) -> str:
         """Triton itself, behind the gateway (for perf_analyzer, which sends no keys)."""
         return f"127.0.0.1:{self.triton_grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        """The launcher's process id (Triton and its stubs are its descendants)."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "medpclip_tools.serve", *self.args]

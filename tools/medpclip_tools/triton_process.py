@@ -349,7 +349,45 @@ def _startup_failure(what: str, log_file: Path, start: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class TritonServer:
+class Endpoints:
+    """The addresses and process state of a server child process (``TritonServer`` and the
+    launcher's ``ServeProcess``): set ``host``, ``metrics_host``, the three ports and
+    ``_process``."""
+
+    host: str
+    metrics_host: str
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    _process: subprocess.Popen | None
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` as ``tritonclient.grpc.InferenceServerClient(url=...)`` expects it."""
+        return f"{_format_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` (``tritonclient.http`` wants it without the scheme)."""
+        return f"http://{_format_host(self.host)}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus endpoint, ``http://host:port/metrics``."""
+        return f"http://{_format_host(self.metrics_host)}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before start and after stop)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+
+class TritonServer(Endpoints):
     """A ``tritonserver`` child process serving ``repository``; use as a context manager.
 
     Example::
@@ -403,32 +441,6 @@ class TritonServer:
         self._interrupted = threading.Event()
         self._log_start = 0  # this run's first byte in the (appended) log
 
-    # -- addresses -----------------------------------------------------------------------------
-
-    @property
-    def grpc_url(self) -> str:
-        """``host:port`` as ``tritonclient.grpc.InferenceServerClient(url=...)`` expects it."""
-        return f"{_format_host(self.host)}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        """``http://host:port`` (``tritonclient.http`` wants it without the scheme)."""
-        return f"http://{_format_host(self.host)}:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        """Prometheus endpoint, ``http://host:port/metrics``."""
-        return f"http://{_format_host(self.metrics_host)}:{self.metrics_port}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id (None before start and after stop)."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the server process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def interrupt(self) -> None:
         """Make a :meth:`start` in progress give up soon (safe to call from a signal handler)."""
