@@ -12,7 +12,7 @@ from medpclip_tools.serve import TritonServer
 
 pytestmark = pytest.mark.skipif(
     not (export.DEFAULT_CHECKPOINT / "config.json").is_file(),
-    reason="no embedded default model in export/default_model",
+    reason="no embedded default model in export/medpclip/default_model",
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,9 +156,14 @@ def test_a_non_editable_install_exports_from_any_directory(tmp_path):
     wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
     work.mkdir()
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    # build from copies: setuptools leaves build/ and *.egg-info beside the sources it builds
+    sources = tmp_path / "src"
+    junk = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for root in PACKAGES.values():
+        shutil.copytree(root, sources / root.name, ignore=junk)
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
-        + [str(p) for p in PACKAGES.values()],
+        + [str(sources / root.name) for root in PACKAGES.values()],
         check=True,
         cwd=tmp_path,
     )
