@@ -116,12 +116,11 @@ class Workload:
         self.counter = itertools.count()
 
     def preprocess(self):
-        from medpclip_core import imaging
+        """A request's preprocessing, as the server's `preprocess` model runs it: decode the
+        DICOM, letterbox, map the point (`medpclip_core.inputs.ModelInputs`)."""
+        from medpclip_core.inputs import prepare
 
-        display = imaging.decode_image(self.dicom)
-        pixels, t = imaging.letterbox(display, self.cfg.vision.image_size)
-        pr = imaging.map_prompts(t, self.cfg.dims.M, points=self.points)
-        return (pixels[None], pr.point_coords, pr.point_labels, pr.mask_input, pr.has_mask), t
+        return prepare(self.dicom, self.cfg.vision.image_size, self.cfg.dims.M, points=self.points)
 
     def new_labels(self) -> list[str]:
         n = next(self.counter)
@@ -134,20 +133,16 @@ class Workload:
 
 
 def pytorch_calls(w: Workload):
-    import torch
-
+    from medpclip.reference import embed_text, forward
     from medpclip_core import imaging
 
     def image():
-        arrays, t = w.preprocess()
-        with torch.no_grad():
-            out = w.model(*(torch.from_numpy(a) for a in arrays))
-        imaging.mask_from_logits(out["mask_logits"][0].numpy(), t)
+        x = w.preprocess()
+        out = forward(w.model, x.image_arrays())
+        imaging.mask_from_logits(out["mask_logits"][0], x.transform)
 
     def text():
-        tb = w.tokens(w.new_labels())
-        with torch.no_grad():
-            w.model.encode_text(*(torch.from_numpy(tb[k]) for k in tb))
+        embed_text(w.model, w.tokens(w.new_labels()))
 
     return (lambda: image), (lambda: text)
 
@@ -163,19 +158,16 @@ def onnxruntime_calls(w: Workload, onnx_dir: Path, int8: bool = False):
     s = {n: ort_session(f) for n, f in files.items()}
 
     def image():
-        (pixels, coords, labels, mask, has), t = w.preprocess()
-        sparse, dense, region = s["prompt_encoder"].run(
-            None,
-            {"point_coords": coords, "point_labels": labels, "mask_input": mask, "has_mask": has},
-        )
+        x = w.preprocess()
+        sparse, dense, region = s["prompt_encoder"].run(None, x.prompt_arrays())
         _, _, patches = s["image_encoder"].run(
-            None, {"pixel_values": pixels, "dense_embeddings": dense, "region_map": region}
+            None, {"pixel_values": x.pixel_values, "dense_embeddings": dense, "region_map": region}
         )
         logits, _ = s["mask_decoder"].run(
             None,
             {"patch_features": patches, "sparse_embeddings": sparse, "dense_embeddings": dense},
         )
-        imaging.mask_from_logits(logits[0], t)
+        imaging.mask_from_logits(logits[0], x.transform)
 
     def text():
         s["text_encoder"].run(None, w.tokens(w.new_labels()))
@@ -228,12 +220,13 @@ def grpc_calls(
 
 
 def image_gflops(w: Workload) -> float:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    arrays, _ = w.preprocess()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        w.model(*(torch.from_numpy(a) for a in arrays))
+    from medpclip.reference import forward
+
+    arrays = w.preprocess().image_arrays()
+    with FlopCounterMode(display=False) as counter:
+        forward(w.model, arrays)
     return counter.get_total_flops() / 1e9
 
 

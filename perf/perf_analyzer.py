@@ -85,51 +85,33 @@ def _entry(value: np.ndarray) -> dict:
 
 def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per model: the inputs a real request feeds it (batch axis dropped for batched models)."""
-    import torch
-
     from medpclip.export import DEFAULT_CHECKPOINT
     from medpclip.model import load_checkpoint
-    from medpclip.real_inputs import text_batch
-    from medpclip_core import imaging
+    from medpclip.reference import embed_text, forward
     from medpclip_core import tensors as T
+    from medpclip_core.inputs import prepare
+    from medpclip_core.labels import load_tokenizer
     from medpclip_tools.evaluate import centre_point
     from medpclip_tools.phantoms import CANONICAL, phantoms, to_dicom
 
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     model = load_checkpoint(checkpoint)
+    cfg = model.cfg
     p = phantoms(seed=777, count=1)[0]
     dicom = to_dicom(p)
     point = np.array([centre_point(p.findings[0])], np.float32)
     labels = np.array([s.encode() for s in CANONICAL], dtype=object)
-    display = imaging.decode_image(dicom)
-    pixels, t = imaging.letterbox(display, model.cfg.vision.image_size)
-    pr = imaging.map_prompts(t, model.cfg.dims.M, points=point)
-    tb = text_batch(checkpoint / "tokenizer.json", model.cfg.text.context_length, CANONICAL)
-    with torch.no_grad():
-        out = model(
-            *(
-                torch.from_numpy(a)
-                for a in (
-                    pixels[None],
-                    pr.point_coords,
-                    pr.point_labels,
-                    pr.mask_input,
-                    pr.has_mask,
-                )
-            )
-        )
-        text = model.encode_text(*(torch.from_numpy(tb[k]) for k in tb))
-    o = {k: v.numpy() for k, v in out.items()}
+    tok = load_tokenizer(checkpoint / "tokenizer.json", cfg.text.context_length)
+    x = prepare(
+        dicom, cfg.vision.image_size, cfg.dims.M, points=point, labels=labels, tokenizer=tok
+    )
+    o = forward(model, x.image_arrays())
+    text = embed_text(model, x.text_arrays())
     image = {"IMAGE": np.array([dicom], dtype=object), "POINTS": point}
     per_item = {  # batched models: one item, no batch axis
-        "prompt_encoder": {
-            "point_coords": pr.point_coords[0],
-            "point_labels": pr.point_labels[0],
-            "mask_input": pr.mask_input[0],
-            "has_mask": pr.has_mask[0],
-        },
+        "prompt_encoder": {k: v[0] for k, v in x.prompt_arrays().items()},
         "image_encoder": {
-            "pixel_values": pixels,
+            "pixel_values": x.pixel_values[0],
             "dense_embeddings": o["dense_embeddings"][0],
             "region_map": o["region_map"][0],
         },
@@ -138,10 +120,7 @@ def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarr
             "sparse_embeddings": o["sparse_embeddings"][0],
             "dense_embeddings": o["dense_embeddings"][0],
         },
-        "text_encoder": {
-            "input_ids": tb["input_ids"][0],
-            "attention_mask": tb["attention_mask"][0],
-        },
+        "text_encoder": {k: v[0] for k, v in x.text_arrays().items()},
     }
     tensors = {
         "medp_clip": {**image, "LABELS": labels},
@@ -153,15 +132,15 @@ def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarr
             "global_embedding": o["global_embedding"],
             "region_embedding": o["region_embedding"],
             "patch_features": o["patch_features"],
-            "text_embedding": text.numpy(),
+            "text_embedding": text,
             "mask_logits": o["mask_logits"],
             "iou": o["iou"],
-            "transform": t.as_array(),
+            "transform": x.transform.as_array(),
         },
         **per_item,
     }
     for name, feed in tensors.items():  # every name must be a declared input
-        declared = {x.name for x in T.spec(name).inputs}
+        declared = {t.name for t in T.spec(name).inputs}
         assert set(feed) <= declared, (name, set(feed) - declared)
     return tensors
 

@@ -23,7 +23,9 @@ from pytriton.triton import Triton, TritonConfig
 
 from medpclip.model import load_checkpoint
 from medpclip.real_inputs import text_batch
+from medpclip.reference import embed_text, forward
 from medpclip_core import imaging
+from medpclip_core.inputs import prepare, stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,28 +46,18 @@ def main(argv: list[str] | None = None) -> int:
 
     @batch
     def infer_image(IMAGE, POINTS):  # noqa: N803 (tensor names)
-        pixels, prompts, transforms = [], [], []
-        for data, points in zip(IMAGE, POINTS, strict=True):
-            display = imaging.decode_image(bytes(data[0]))
-            px, t = imaging.letterbox(display, cfg.vision.image_size)
-            pixels.append(px)
-            prompts.append(imaging.map_prompts(t, cfg.dims.M, points=points))
-            transforms.append(t)
-        with torch.no_grad():
-            out = model(
-                torch.from_numpy(np.stack(pixels)),
-                torch.from_numpy(np.concatenate([q.point_coords for q in prompts])),
-                torch.from_numpy(np.concatenate([q.point_labels for q in prompts])),
-                torch.from_numpy(np.concatenate([q.mask_input for q in prompts])),
-                torch.from_numpy(np.concatenate([q.has_mask for q in prompts])),
-            )
+        items = [
+            prepare(bytes(data[0]), cfg.vision.image_size, cfg.dims.M, points=points)
+            for data, points in zip(IMAGE, POINTS, strict=True)
+        ]
+        out = forward(model, stack(items))
         masks = [
-            imaging.mask_from_logits(m, t).reshape(-1)[:1]
-            for m, t in zip(out["mask_logits"].numpy(), transforms, strict=True)
+            imaging.mask_from_logits(m, x.transform).reshape(-1)[:1]
+            for m, x in zip(out["mask_logits"], items, strict=True)
         ]
         return {
-            "REGION_EMBEDDING": out["region_embedding"].numpy(),
-            "GLOBAL_EMBEDDING": out["global_embedding"].numpy(),
+            "REGION_EMBEDDING": out["region_embedding"],
+            "GLOBAL_EMBEDDING": out["global_embedding"],
             "MASK_HEAD": np.stack(masks).astype(np.uint8),
         }
 
@@ -74,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for req in requests:
             labels = [s.decode() for s in req["LABELS"].reshape(-1)]
             tb = text_batch(tokenizer_json, cfg.text.context_length, labels)
-            with torch.no_grad():
-                emb = model.encode_text(*(torch.from_numpy(tb[k]) for k in tb))
-            responses.append({"TEXT_EMBEDDINGS": emb.numpy()})
+            responses.append({"TEXT_EMBEDDINGS": embed_text(model, tb)})
         return responses
 
     config = TritonConfig(

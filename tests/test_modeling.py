@@ -7,8 +7,9 @@ import torch
 
 from medpclip.config import ModelConfig
 from medpclip.model import CheckpointMismatch, build, load_checkpoint, save_checkpoint
-from medpclip.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from medpclip.tokenizer import DEFAULT_TOKENIZER
 from medpclip_core import tensors as T
+from medpclip_core.labels import load_tokenizer
 
 CFG = ModelConfig.load("tiny")
 S, G, M, B = CFG.vision.image_size, CFG.vision.grid, 4 * CFG.vision.grid, 2

@@ -133,6 +133,29 @@ def test_text_ensemble_matches_pytorch(grpc, model, checkpoint):
     assert np.abs(served["TEXT_EMBEDDINGS"] - want).max() <= ATOL
 
 
+def test_reference_refuses_the_over_long_label_the_server_refuses(grpc, model, checkpoint):
+    """One loader, one check: the PyTorch reference and the served ensembles refuse a label one
+    token longer than the config's context with the same message."""
+    from tritonclient.utils import InferenceServerException
+
+    from medpclip_core.errors import InputError
+
+    over = " ".join(["round"] * (model.cfg.text.context_length - 1))  # + [CLS], [SEP]
+    labels = ["a cyst", over]
+    img = sample_image(H, W)
+    with pytest.raises(InputError) as ref:
+        _reference(model, checkpoint, img, PROMPTS["point"], labels)
+    assert f"label 1 is {model.cfg.text.context_length + 1} tokens long" in str(ref.value)
+    wire = np.array([s.encode() for s in labels], dtype=object)
+    for name, extra in (
+        ("medp_clip", {"IMAGE": image_bytes(img), **PROMPTS["point"]}),
+        ("medp_clip_text", {}),
+    ):
+        with pytest.raises(InferenceServerException) as served:
+            grpc.infer(name, make_inputs(name, LABELS=wire, **extra))
+        assert str(ref.value) in served.value.message(), (name, served.value.message())
+
+
 def test_concurrent_requests_are_batched_correctly(grpc, model, checkpoint):
     """Requests that meet in the dynamic batcher still get their own answers."""
     from concurrent.futures import ThreadPoolExecutor

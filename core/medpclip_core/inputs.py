@@ -33,16 +33,20 @@ class ModelInputs:
     input_ids: np.ndarray | None = None  # [T,L] int64, when labels were given
     attention_mask: np.ndarray | None = None  # [T,L] int64
 
-    def image_arrays(self) -> dict[str, np.ndarray]:
-        """Inputs of the image branch (prompt encoder, image encoder), by tensor name."""
+    def prompt_arrays(self) -> dict[str, np.ndarray]:
+        """Inputs of the prompt encoder, by tensor name."""
         p = self.prompts
         return {
-            "pixel_values": self.pixel_values,
             "point_coords": p.point_coords,
             "point_labels": p.point_labels,
             "mask_input": p.mask_input,
             "has_mask": p.has_mask,
         }
+
+    def image_arrays(self) -> dict[str, np.ndarray]:
+        """Inputs of the image branch (prompt encoder, image encoder), by tensor name, in the
+        order the PyTorch model's forward takes them."""
+        return {"pixel_values": self.pixel_values, **self.prompt_arrays()}
 
     def text_arrays(self) -> dict[str, np.ndarray]:
         """Inputs of the text encoder; empty when no labels were given."""

@@ -36,17 +36,22 @@ def validate_labels(labels: Sequence[bytes | str], max_labels: int = MAX_LABELS)
 
 
 def load_tokenizer(path: str, context_length: int):
-    """A `tokenizers` WordPiece tokenizer padding to `context_length` and never truncating
-    (server side; imported lazily so the client does not need `tokenizers`).
+    """The one tokenizer loader (server, export, reference, training): a `tokenizers` WordPiece
+    tokenizer padding to `context_length` and never truncating (imported lazily so the client
+    does not need `tokenizers`).
 
-    Truncation is off on purpose: a label longer than the context would lose its end silently
-    (two labels differing only there would score identically), so `tokenize` refuses it."""
+    `context_length` is the model config's (`cfg.text.context_length`, `Dims.L`, the tokenizer
+    models' `context_length` parameter); `tokenizer.json` carries none, and any padding or
+    truncation a file does carry is replaced here. Truncation is off on purpose: a label longer
+    than the context would lose its end silently (two labels differing only there would score
+    identically), so `tokenize` refuses it."""
     from tokenizers import Tokenizer
 
+    if int(context_length) < 1:
+        raise ValueError(f"context_length must be a positive token count, got {context_length}")
     tok = Tokenizer.from_file(str(path))
     tok.no_truncation()
-    # the saved tokenizer already pads; restate it so a swapped file cannot differ
-    tok.enable_padding(length=context_length, pad_id=tok.token_to_id("[PAD]"))
+    tok.enable_padding(length=int(context_length), pad_id=tok.token_to_id("[PAD]"))
     return tok
 
 

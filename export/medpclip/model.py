@@ -65,11 +65,18 @@ def build(cfg: ModelConfig, seed: int = 0) -> MedPClip:
 
 
 def save_checkpoint(model: MedPClip, directory: Path, tokenizer_json: Path) -> Path:
+    """Weights, config and tokenizer in `directory`. The tokenizer is written without padding
+    or truncation (`tokenizer.save_tokenizer`): the text context length a checkpoint carries is
+    its config's `text.context_length` only, whatever the source JSON said."""
+    from tokenizers import Tokenizer
+
+    from .tokenizer import save_tokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "medpclip-v1"})
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    (directory / TOKENIZER).write_bytes(Path(tokenizer_json).read_bytes())
+    save_tokenizer(Tokenizer.from_file(str(tokenizer_json)), directory / TOKENIZER)
     return directory
 
 

@@ -1,7 +1,9 @@
-"""WordPiece tokenizer (Hugging Face `tokenizers`), saved as one `tokenizer.json`.
+"""Training the WordPiece tokenizer (Hugging Face `tokenizers`), saved as one `tokenizer.json`.
 
-Padding and truncation to the model's context length are stored in the JSON itself, so the
-server's tokenizer model, the export's parity checks and training all encode identically.
+The saved JSON carries the vocabulary, normalizer, pre-tokenizer and [CLS]/[SEP] template but no
+padding and no truncation: the text context length is the model config's alone
+(`cfg.text.context_length`). Every reader loads it with `medpclip_core.labels.load_tokenizer(path,
+context_length)`, the server's loader, which pads to that length and refuses longer labels.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ DEFAULT_TOKENIZER = ASSETS / "tokenizer.json"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_tokenizer(corpus: Path, vocab_size: int, context_length: int) -> Tokenizer:
+def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
     """Train a BERT-style (uncased) WordPiece vocabulary on `corpus`."""
     tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -30,28 +32,27 @@ def train_tokenizer(corpus: Path, vocab_size: int, context_length: int) -> Token
         vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=alphabet, min_frequency=1
     )
     tok.train([str(corpus)], trainer)
-    return configure(tok, context_length)
-
-
-def configure(tok: Tokenizer, context_length: int) -> Tokenizer:
-    cls_id, sep_id, pad_id = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
-    tok.enable_truncation(max_length=context_length)
-    tok.enable_padding(length=context_length, pad_id=pad_id, pad_token="[PAD]")
     return tok
 
 
-def load_tokenizer(path: str | Path, context_length: int | None = None) -> Tokenizer:
-    tok = Tokenizer.from_file(str(path))
-    return configure(tok, context_length) if context_length else tok
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
+    """Write `tok` as `tokenizer.json` without padding or truncation (a copy: `tok` keeps its
+    own), so that no fixed context length travels with the file."""
+    plain = Tokenizer.from_str(tok.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    plain.save(str(path))
+    return Path(path)
 
 
 def main() -> None:
     """Regenerate the bundled tokenizer: python -m medpclip.tokenizer"""
-    tok = train_tokenizer(ASSETS / "corpus.txt", vocab_size=2048, context_length=32)
-    tok.save(str(DEFAULT_TOKENIZER))
+    tok = train_tokenizer(ASSETS / "corpus.txt", vocab_size=2048)
+    save_tokenizer(tok, DEFAULT_TOKENIZER)
     print(f"wrote {DEFAULT_TOKENIZER} ({tok.get_vocab_size()} tokens)")
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from medpclip import export
 from medpclip_client import cli
-from medpclip_core import imaging
+from medpclip_core import inputs
 
 from .evaluate import centre_point
 from .phantoms import CANONICAL, WINDOW, Phantom, phantoms, to_dicom
@@ -27,8 +27,9 @@ COLOURS = [(230, 60, 60), (60, 200, 90), (70, 130, 240)]
 
 
 def overlay(p: Phantom, masks: list[np.ndarray], points: list[tuple[float, float]]) -> Image.Image:
-    """The slice in its window, each served mask tinted, each clicked point as a white cross."""
-    grey = imaging.pixels_to_image(p.hu.astype(np.float32), WINDOW)
+    """The slice in its window (decoded as the server decodes it), each served mask tinted, each
+    clicked point as a white cross."""
+    grey = inputs.decode(p.hu.astype(np.float32), WINDOW)
     rgb = (grey * 255).astype(np.float32)
     for mask, colour in zip(masks, COLOURS, strict=False):
         m = mask.astype(bool)

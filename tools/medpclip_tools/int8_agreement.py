@@ -10,10 +10,11 @@ import numpy as np
 from medpclip.model import MedPClip
 from medpclip.onnx_export import INT8_MODELS, cosine_rows, ort_session
 from medpclip.real_inputs import text_batch
-from medpclip_core import imaging
+from medpclip_core.inputs import prepare
+from medpclip_core.scoring import label_probs
 
 from .evaluate import centre_point
-from .phantoms import CANONICAL, phantoms
+from .phantoms import CANONICAL, WINDOW, phantoms
 
 
 def _sessions(onnx_dir: Path, int8: bool) -> dict:
@@ -31,37 +32,29 @@ def agreement(
     runs = {False: _sessions(onnx_dir, False), True: _sessions(onnx_dir, True)}
     tb = text_batch(tokenizer_json, cfg.text.context_length, CANONICAL)
     text = {k: s["text_encoder"].run(None, tb)[0] for k, s in runs.items()}
+    scale = float(model.logit_scale.detach().exp())
     same, total, worst = 0, 0, 1.0
     for p in phantoms(seed, images):
-        display = imaging.pixels_to_image(p.hu.astype(np.float32), (40.0, 400.0))
-        pixels, t = imaging.letterbox(display, cfg.vision.image_size)
+        x = prepare(p.hu.astype(np.float32), cfg.vision.image_size, cfg.dims.M, window=WINDOW)
         for f in p.findings:
             for prompt in (
                 {"points": np.array([centre_point(f)], np.float32)},
                 {"box": np.array(f.box, np.float32)},
                 {"mask": f.mask.astype(np.uint8)},
             ):
-                pr = imaging.map_prompts(t, cfg.dims.M, **prompt)
+                pr = x.with_prompts(**prompt)
                 answers, embs = [], []
                 for int8, s in runs.items():
-                    sparse, dense, region = s["prompt_encoder"].run(
-                        None,
-                        {
-                            "point_coords": pr.point_coords,
-                            "point_labels": pr.point_labels,
-                            "mask_input": pr.mask_input,
-                            "has_mask": pr.has_mask,
-                        },
-                    )
+                    _, dense, region = s["prompt_encoder"].run(None, pr.prompt_arrays())
                     _, r, _ = s["image_encoder"].run(
                         None,
                         {
-                            "pixel_values": pixels[None],
+                            "pixel_values": pr.pixel_values,
                             "dense_embeddings": dense,
                             "region_map": region,
                         },
                     )
-                    answers.append(int(np.argmax(text[int8] @ r[0])))
+                    answers.append(int(np.argmax(label_probs(r[0], text[int8], scale))))
                     embs.append(r)
                 same += answers[0] == answers[1]
                 total += 1

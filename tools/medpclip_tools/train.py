@@ -5,7 +5,8 @@
 Losses: region-text cross-entropy over the finding labels for point, box and mask prompts;
 image-caption contrastive loss on whole images (some samples carry no prompt, so the global
 path keeps learning); mask BCE + Dice for the mask decoder, and the IoU head regressed on the
-achieved IoU. Images go through the served preprocessing (`medpclip_core.imaging`).
+achieved IoU. Images, prompts and labels go through the served preprocessing
+(`medpclip_core.inputs.prepare`, `medpclip_core.labels.tokenize`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 
 from medpclip.config import ModelConfig
 from medpclip.model import MedPClip, build, save_checkpoint
-from medpclip.real_inputs import text_batch
 from medpclip.tokenizer import DEFAULT_TOKENIZER
-from medpclip_core import imaging
+from medpclip_core import imaging, inputs
+from medpclip_core.labels import load_tokenizer, tokenize
 
 from .phantoms import FINDINGS, KINDS, WINDOW, Phantom, phantoms
 
@@ -36,23 +37,26 @@ PROMPT_P = (0.35, 0.3, 0.2, 0.15)
 
 @dataclass
 class Sample:
-    pixels: np.ndarray  # [3,S,S]
-    transform: imaging.Transform
+    prepared: inputs.ModelInputs  # the slice in its window, letterboxed, with no prompt
     phantom: Phantom
     targets: list[np.ndarray]  # per finding, [M,M] coverage of the low-res grid
 
 
 def prepare(ps: list[Phantom], cfg: ModelConfig) -> list[Sample]:
+    """Each slice through the served preprocessing once; prompts vary per step
+    (`ModelInputs.with_prompts`)."""
     out = []
     for p in ps:
-        display = imaging.pixels_to_image(p.hu.astype(np.float32), WINDOW)
-        pixels, t = imaging.letterbox(display, cfg.vision.image_size)
-        targets = [imaging.mask_to_grid(f.mask, t, cfg.dims.M) for f in p.findings]
-        out.append(Sample(pixels, t, p, targets))
+        x = inputs.prepare(
+            p.hu.astype(np.float32), cfg.vision.image_size, cfg.dims.M, window=WINDOW
+        )
+        targets = [imaging.mask_to_grid(f.mask, x.transform, cfg.dims.M) for f in p.findings]
+        out.append(Sample(x, p, targets))
     return out
 
 
-def sample_prompt(s: Sample, j: int, kind: str, rng: np.random.Generator, m_side: int):
+def sample_prompt(s: Sample, j: int, kind: str, rng: np.random.Generator) -> inputs.ModelInputs:
+    """The slice with a random prompt of `kind` on its finding `j`."""
     f = s.phantom.findings[j]
     h, w = f.mask.shape
     if kind == "point":
@@ -65,26 +69,14 @@ def sample_prompt(s: Sample, j: int, kind: str, rng: np.random.Generator, m_side
             b = rng.integers(len(by))
             pts = np.concatenate([pts, [[bx[b] + 0.5, by[b] + 0.5]]]).astype(np.float32)
             labels = np.append(labels, 0).astype(np.int32)
-        return imaging.map_prompts(s.transform, m_side, points=pts, point_labels=labels)
+        return s.prepared.with_prompts(points=pts, point_labels=labels)
     if kind == "box":
         x0, y0, x1, y1 = np.array(f.box) + rng.uniform(-2, 2, 4)
         box = np.array([max(0, x0), max(0, y0), min(w, x1), min(h, y1)], np.float32)
-        return imaging.map_prompts(s.transform, m_side, box=box)
+        return s.prepared.with_prompts(box=box)
     if kind == "mask":
-        return imaging.map_prompts(s.transform, m_side, mask=f.mask.astype(np.uint8))
-    return imaging.map_prompts(s.transform, m_side)
-
-
-def collate(prompts: list[imaging.Prompts]) -> list[torch.Tensor]:
-    n = max(p.point_coords.shape[1] for p in prompts)
-    coords = np.zeros((len(prompts), n, 2), np.float32)
-    labels = -np.ones((len(prompts), n), np.int32)
-    for i, p in enumerate(prompts):
-        k = p.point_coords.shape[1]
-        coords[i, :k], labels[i, :k] = p.point_coords[0], p.point_labels[0]
-    masks = np.concatenate([p.mask_input for p in prompts])
-    has = np.concatenate([p.has_mask for p in prompts])
-    return [torch.from_numpy(a) for a in (coords, labels, masks, has)]
+        return s.prepared.with_prompts(mask=f.mask.astype(np.uint8))
+    return s.prepared
 
 
 def caption(p: Phantom, rng: np.random.Generator) -> str:
@@ -93,11 +85,11 @@ def caption(p: Phantom, rng: np.random.Generator) -> str:
     return "a ct slice with " + " and ".join(parts)
 
 
-def encode(model: MedPClip, texts: list[str], length: int) -> torch.Tensor:
-    tb = text_batch(DEFAULT_TOKENIZER, length, texts)
-    return model.encode_text(
-        torch.from_numpy(tb["input_ids"]), torch.from_numpy(tb["attention_mask"])
-    )
+def encode(model: MedPClip, tok, texts: list[str]) -> torch.Tensor:
+    """Text embeddings of `texts`, tokenized as the server does (a batch may hold more texts
+    than one request's label limit)."""
+    ids, attention = tokenize(tok, texts, max_labels=len(texts))
+    return model.encode_text(torch.from_numpy(ids), torch.from_numpy(attention))
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,21 +98,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
 
 
-def train_step(model, data, rng, batch, cfg) -> dict[str, float]:
+def train_step(model, data, rng, batch, cfg, tok) -> dict[str, float]:
     idx = rng.integers(len(data), size=batch)
     kinds = rng.choice(PROMPT_KINDS, size=batch, p=PROMPT_P)
     picks = [int(rng.integers(len(data[i].phantom.findings))) for i in idx]
-    prompts = [
-        sample_prompt(data[i], j, k, rng, cfg.dims.M)
-        for i, j, k in zip(idx, picks, kinds, strict=True)
-    ]
-    pixels = torch.from_numpy(np.stack([data[i].pixels for i in idx]))
-    out = model(pixels, *collate(prompts))
+    items = [sample_prompt(data[i], j, k, rng) for i, j, k in zip(idx, picks, kinds, strict=True)]
+    out = model(**{k: torch.from_numpy(v) for k, v in inputs.stack(items).items()})
     scale = model.logit_scale.exp().clamp(max=100)
 
     # region -> label, over one random phrasing per kind
     label_texts = [FINDINGS[k][rng.integers(4)] for k in KINDS]
-    t_labels = encode(model, label_texts, cfg.text.context_length)
+    t_labels = encode(model, tok, label_texts)
     prompted = torch.tensor(kinds != "none")
     target_kind = torch.tensor(
         [data[i].phantom.findings[j].kind_index for i, j in zip(idx, picks, strict=True)]
@@ -131,7 +119,7 @@ def train_step(model, data, rng, batch, cfg) -> dict[str, float]:
 
     # whole image <-> caption, several images may share a finding set
     sets = [frozenset(f.kind for f in data[i].phantom.findings) for i in idx]
-    t_caps = encode(model, [caption(data[i].phantom, rng) for i in idx], cfg.text.context_length)
+    t_caps = encode(model, tok, [caption(data[i].phantom, rng) for i in idx])
     same = torch.tensor([[a == b for b in sets] for a in sets], dtype=torch.float32)
     same = same / same.sum(1, keepdim=True)
     g_logits = scale * out["global_embedding"] @ t_caps.T
@@ -187,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"generating {args.images} phantoms (seed {args.seed}) ...", flush=True)
     data = prepare(phantoms(args.seed, args.images), cfg)
+    tok = load_tokenizer(DEFAULT_TOKENIZER, cfg.text.context_length)
     model = build(cfg, seed=args.seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -199,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema: dict[str, float] = {}
     for step in range(args.steps):
-        stats = train_step(model, data, rng, args.batch, cfg)
+        stats = train_step(model, data, rng, args.batch, cfg, tok)
         opt.zero_grad()
         stats.pop("loss").backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
