@@ -206,12 +206,11 @@ def test_install_advice_when_no_installed_handler_supports_the_syntax(monkeypatc
 
 
 @pytest.fixture(scope="module")
-def token_count(checkpoint):
+def token_count(checkpoint, model):
     """Tokens of a label as the server counts them ([CLS] and [SEP] included, no cut)."""
-    from medpclip.tokenizer import load_tokenizer
+    from medpclip_core.labels import load_tokenizer
 
-    tok = load_tokenizer(checkpoint / "tokenizer.json")
-    tok.no_truncation()
+    tok = load_tokenizer(checkpoint / "tokenizer.json", model.cfg.text.context_length)
     tok.no_padding()
     return lambda text: len(tok.encode(text).ids)
 

@@ -1,6 +1,6 @@
 """Train the embedded default model on phantom slices (2 CPU cores, minutes, fixed seed).
 
-    python -m medpclip_tools.train --out export/default_model
+    python -m medpclip_tools.train --out export/medpclip/default_model
 
 Losses: region-text cross-entropy over the finding labels for point, box and mask prompts;
 image-caption contrastive loss on whole images (some samples carry no prompt, so the global
