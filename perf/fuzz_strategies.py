@@ -5,7 +5,7 @@ Shared by the CI property test (`tests/test_fuzz.py`, a few cases per path) and 
 
 Every strategy builds a request that is valid except for one fault, and the fault is invalid by
 the declared contract (`medpclip_core.tensors`, the README's limits, and what
-`model_repository/preprocess/model.py` validates), never a borderline value that may be legal: a
+`medpclip_core.inputs.prepare` validates), never a borderline value that may be legal: a
 point exactly on the image's border, a box edge on it, -0.0. Where a generator cannot know for
 sure (corrupted PNG/DICOM bytes, random bytes), its candidates are kept only if the shared decoder
 (`medpclip_core.imaging.decode_image`, the server's own code) refuses them locally.
