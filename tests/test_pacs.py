@@ -361,7 +361,7 @@ def _error_cases():
         argv[argv.index("--instance") + 1] = "1.2.3.4.5.6.7.8.9"
         return argv
 
-    yield "unknown-uid", unknown, 5, "not in the archive"
+    yield "unknown-uid", unknown, 6, "not in the archive"
     yield "sr-instance", run("test-SR"), 3, "not an image"
     yield "no-pixel-data", run("no_pixels"), 3, "no pixel data"
     # said before any decoding (and without a transcoding attempt), not "install a decoder"

@@ -6,42 +6,56 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
-import re
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medpclip_core.dicom import WINDOW_PRESETS, local_request
-from medpclip_core.imaging import InputError, is_dicom
-from medpclip_core.tensors import MAX_LABEL_CHARS, MAX_LABELS, MAX_POINTS
+from medpclip_core.dicom import local_request
+from medpclip_core.errors import InputError
+from medpclip_core.imaging import is_dicom
+from medpclip_core.tensors import MAX_LABEL_CHARS, MAX_LABELS
 
+from .arguments import (
+    CONNECTION_EPILOG,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    REGION_EPILOG,
+    WINDOW_EPILOG,
+    UsageError,
+    add_connection_arguments,
+    add_label_arguments,
+    add_region_arguments,
+    add_window_argument,
+    connection_options,
+    exit_codes_help,
+    integer,
+    join_negative,
+    parse_box,  # noqa: F401 - the parsers' former home; kept importable
+    parse_header,  # noqa: F401
+    parse_point,  # noqa: F401
+    parse_window,  # noqa: F401
+    read_labels_file,
+)
 from .client import (
-    DEFAULT_URL,
     STATUS_RETRYABLE,
     MedPClipClient,
     MedPClipError,
     Region,
     Request,
     Result,
-    RetryPolicy,
     load_mask,
-    read_key_file,
     save_mask,
 )
 
 PROG = "medpclip-client"
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REJECTED = 3
-EXIT_UNAVAILABLE = 4
-EXIT_DENIED = 5
 
 DESCRIPTION = """\
 Send a PNG, JPEG or DICOM image (decoded by the server) with an optional region prompt to a
@@ -53,22 +67,19 @@ extension .dcm/.dicom or by its content, for files named by UIDs) is sent, --con
 time, with the same prompt and labels, and one JSON object per file is printed per line as the
 answers arrive (JSON lines), with a progress bar on stderr when it is a terminal."""
 
-_PRESETS = textwrap.fill(
-    ", ".join(f"{k} ({c:g},{w:g})" for k, (c, w) in WINDOW_PRESETS.items()),
-    width=94,
-    initial_indent="  ",
-    subsequent_indent="  ",
-)
+FOLDER_EXIT_NOTES = """\
+folder: 0 only if every file succeeded; else 1 if a file failed for another reason, else 3 if
+a file was rejected (see its "error"); an unreachable server (4) or a refused caller (5) stops
+the batch."""
+
+MASK_NOTES = """\
+  --mask takes a PNG of exactly the image's size; any nonzero pixel (any colour channel, alpha
+  ignored) marks the region. Points, box and mask can be combined. Without any prompt the
+  model gets no region hint.
+"""
 
 EPILOG = f"""\
-coordinates:
-  All prompts are in pixels of the ORIGINAL image (before any resizing by the server):
-  x = column (0 at the left edge), y = row (0 at the top edge). Points must lie inside the
-  image; a box must satisfy 0 <= X0 < X1 <= width and 0 <= Y0 < Y1 <= height. At most
-  {MAX_POINTS} points. --mask takes a PNG of exactly the image's size; any nonzero pixel
-  (any colour channel, alpha ignored) marks the region. Points, box and mask can be combined.
-  Without any prompt the model gets no region hint.
-
+{REGION_EPILOG}{MASK_NOTES}
 labels:
   Each label is one argument; quote labels that contain spaces:
       --labels "a lung nodule" "a cyst" "normal lung"
@@ -77,12 +88,7 @@ labels:
   skipped. At most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters. Without labels
   only the mask, IoU and embeddings are computed.
 
-window:
-  --window C,W sets the display window (centre, width), e.g. --window=-600,1500 for a CT lung
-  window, or names a preset:
-{_PRESETS}
-  For DICOM it overrides the window stored in the file.
-
+{WINDOW_EPILOG}
 DICOM:
   By default files are sent as they are and the server decodes them (first frame, the file's
   window). --decode-locally decodes here with pydicom and sends only pixels: for transfer
@@ -95,113 +101,13 @@ folders (IMAGE is a directory):
   failed file does not stop the batch. Lines come in completion order. --recursive descends
   into subfolders; --save-mask DIR writes DIR/NAME.mask.png.
 
-connection:
-  --tls encrypts the channel (verifying the server with --root-cert, else the system CAs);
-  --client-cert/--client-key add a client certificate (mutual TLS). --header KEY=VALUE adds
-  gRPC metadata to every call (never printed). The server's API key comes from
-  --api-key-file FILE, MEDPCLIP_API_KEY_FILE or MEDPCLIP_API_KEY (never on the command line).
-  A call that finds the server UNAVAILABLE is retried --retries times with backoff; --timeout
-  bounds each file's call, retries included.
-
-exit codes:
-  0  success (folder: every file succeeded)
-  1  other error (e.g. the mask could not be saved, unexpected server error; folder: a file
-     failed for such a reason)
-  2  usage error (bad option or option value, unreadable local file)
-  3  the input was rejected, by the server or while decoding it here (the message is printed
-     on stderr; folder: at least one file was rejected, see its "error")
-  4  the server or model is unreachable, not ready, or did not answer within --timeout
-     (folder: the batch stops at the first unreachable-server error)
-  5  the server refused the caller: no API key or a wrong one (see --api-key-file)
-
+{CONNECTION_EPILOG}
+{exit_codes_help(FOLDER_EXIT_NOTES)}
 No patient data is printed: DICOM tags are never printed, and with --decode-locally never sent;
 in folder mode file names appear only relative to the folder.
 """
 
-
-class UsageError(Exception):
-    """A command-line problem: exit code 2."""
-
-
 # --- parsing ----------------------------------------------------------------------------------
-
-
-def _floats(text: str, n: int | tuple[int, ...], syntax: str) -> list[float]:
-    parts = [p.strip() for p in text.split(",")]
-    counts = (n,) if isinstance(n, int) else n
-    if len(parts) not in counts:
-        raise argparse.ArgumentTypeError(f"expected {syntax}, got {text!r}")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {syntax}, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
-    return values
-
-
-def parse_point(text: str) -> tuple[float, float, int]:
-    """'X,Y' or 'X,Y,LABEL' (LABEL 1 = foreground, the default, 0 = background)."""
-    syntax = "X,Y or X,Y,LABEL with LABEL 1 (foreground) or 0 (background)"
-    v = _floats(text, (2, 3), syntax)
-    label = 1
-    if len(v) == 3:
-        if v[2] not in (0.0, 1.0):
-            raise argparse.ArgumentTypeError(f"expected {syntax}, got {text!r}")
-        label = int(v[2])
-    return v[0], v[1], label
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = _floats(text, 4, "X0,Y0,X1,Y1 (top-left, bottom-right corner)")
-    return x0, y0, x1, y1
-
-
-def parse_window(text: str) -> tuple[float, float]:
-    """'CENTRE,WIDTH' or a preset name (see dicom.WINDOW_PRESETS)."""
-    preset = WINDOW_PRESETS.get(text.strip().lower())
-    if preset is not None:
-        return preset
-    centre, width = _floats(text, 2, f"CENTRE,WIDTH or a preset ({', '.join(WINDOW_PRESETS)})")
-    return centre, width
-
-
-def parse_header(text: str) -> tuple[str, str]:
-    """'KEY=VALUE' gRPC metadata."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError("expected KEY=VALUE")  # no value echoed: may be a secret
-    return key.strip().lower(), value
-
-
-def _count(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        k = -1
-    if k < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return k
-
-
-def _positive_int(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return k
-
-
-def _timeout(text: str) -> float:
-    try:
-        t = float(text)
-    except ValueError:
-        t = -1.0
-    if not (math.isfinite(t) and t >= 0):
-        raise argparse.ArgumentTypeError(f"must be seconds >= 0 (0: no limit), got {text!r}")
-    return t
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,33 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "image", metavar="IMAGE", help="PNG, JPEG or DICOM Part 10 file, or a folder of them"
     )
-    g = p.add_argument_group("region prompt (original image pixels, x = column, y = row)")
-    g.add_argument(
-        "--point",
-        metavar="X,Y[,LABEL]",
-        type=parse_point,
-        action="append",
-        default=[],
-        help="a point; LABEL 1 = inside the region (default), 0 = outside; repeatable",
-    )
-    g.add_argument("--box", metavar="X0,Y0,X1,Y1", type=parse_box, help="a bounding box")
+    g = add_region_arguments(p)
     g.add_argument(
         "--mask", metavar="MASK.png", help="a mask of the image's size, nonzero = region"
     )
-    lab = p.add_mutually_exclusive_group()
-    lab.add_argument("--labels", metavar="LABEL", nargs="+", help="candidate labels (free text)")
-    lab.add_argument("--labels-file", metavar="F", help="candidate labels, one per line")
-    p.add_argument(
-        "--window",
-        metavar="C,W|PRESET",
-        type=parse_window,
-        help="display window centre,width or a preset name (lung, bone, ...)",
-    )
+    add_window_argument(p)
+    add_label_arguments(p)
     d = p.add_argument_group("DICOM")
     d.add_argument(
         "--frame",
         metavar="N",
-        type=_count,
+        type=integer(0),
         default=0,
         help="frame of multi-frame DICOM files (default 0); N > 0 decodes them here",
     )
@@ -254,51 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--concurrency",
         metavar="N",
-        type=_positive_int,
+        type=integer(1),
         default=4,
         help="requests in flight at once (default 4)",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument(
-        "--url", default=DEFAULT_URL, help=f"Triton gRPC endpoint host:port (default {DEFAULT_URL})"
-    )
-    p.add_argument(
-        "--timeout",
-        metavar="S",
-        type=_timeout,
-        default=60.0,
-        help="seconds to wait for the server (default 60; 0: no limit)",
-    )
-    c = p.add_argument_group("connection")
-    c.add_argument(
-        "--retries",
-        metavar="N",
-        type=_count,
-        default=RetryPolicy.retries,
-        help=f"retries when the server is UNAVAILABLE (default {RetryPolicy.retries}, about "
-        "30 s: enough to ride out a server restart)",
-    )
-    c.add_argument("--tls", action="store_true", help="connect with TLS")
-    c.add_argument("--root-cert", metavar="PEM", help="CA certificate(s) to verify the server")
-    c.add_argument("--client-cert", metavar="PEM", help="client certificate chain (mutual TLS)")
-    c.add_argument("--client-key", metavar="PEM", help="client private key (mutual TLS)")
-    c.add_argument(
-        "--header",
-        metavar="KEY=VALUE",
-        type=parse_header,
-        action="append",
-        default=[],
-        help="gRPC metadata sent with every call, e.g. x-request-id=...; repeatable",
-    )
-    c.add_argument(
-        "--api-key-file",
-        metavar="FILE",
-        type=Path,
-        default=os.environ.get("MEDPCLIP_API_KEY_FILE") or None,
-        help="file holding the server's API key (default: env MEDPCLIP_API_KEY_FILE, else the "
-        "key in env MEDPCLIP_API_KEY); never pass a key itself on the command line",
-    )
-    p.add_argument("--top", metavar="K", type=_positive_int, help="show only the K best labels")
+    add_connection_arguments(p)
+    p.add_argument("--top", metavar="K", type=integer(1), help="show only the K best labels")
     p.add_argument(
         "--save-mask",
         metavar="OUT.png|DIR",
@@ -311,40 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="include the global and region embeddings in the JSON (implies --json)",
     )
     return p
-
-
-_VALUE_OPTIONS = ("--point", "--box", "--window")
-_NEGATIVE = re.compile(r"^-[\d.]")
-
-
-def _join_negative(argv: Sequence[str]) -> list[str]:
-    """`--window -600,1500` -> `--window=-600,1500`: argparse would take the value for an
-    option."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            out.extend(argv[i:])
-            break
-        if a in _VALUE_OPTIONS and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
-            out.append(f"{a}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(a)
-        i += 1
-    return out
-
-
-def read_labels_file(path: str) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read --labels-file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError("--labels-file is not UTF-8 text") from None
-    labels = [s.strip() for s in text.splitlines()]
-    return [s for s in labels if s and not s.startswith("#")]
 
 
 def region_from_args(args: argparse.Namespace) -> Region | None:
@@ -432,29 +250,9 @@ def _unavailable(url: str, exc: MedPClipError) -> str:
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of `MedPClipClient` / `AsyncMedPClipClient` from the options."""
-    return {
-        "url": args.url,
-        "timeout_s": args.timeout or None,
-        "retries": args.retries,
-        "ssl": args.tls,
-        "root_certificates": args.root_cert,
-        "certificate_chain": args.client_cert,
-        "private_key": args.client_key,
-        "headers": dict(args.header),
-        "api_key": read_api_key(args.api_key_file),
-    }
-
-
-def read_api_key(path: Path | None) -> str | None:
-    """The key in ``path`` (surrounding whitespace stripped); None without a path, which lets
-    the client fall back to MEDPCLIP_API_KEY."""
-    if path is None:
-        return None
-    try:
-        return read_key_file(path)
-    except ValueError as exc:
-        raise SystemExit(f"{PROG}: --api-key-file: {exc}") from None
+    """Keyword arguments of `MedPClipClient` / `AsyncMedPClipClient` from the options
+    (`arguments.connection_options`; UsageError if --api-key-file cannot be read)."""
+    return connection_options(args)
 
 
 def image_input(
@@ -478,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(_join_negative(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(join_negative(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
@@ -486,6 +284,7 @@ def _main(argv: Sequence[str] | None) -> int:
         image = None if folder else Path(args.image).read_bytes()
         labels = read_labels_file(args.labels_file) if args.labels_file else args.labels
         region = region_from_args(args)
+        options = client_options(args)
     except OSError as exc:
         parser.print_usage(sys.stderr)
         _err(f"error: cannot read IMAGE: {exc.strerror or exc}")
@@ -496,13 +295,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     if folder:
         try:
-            return asyncio.run(run_folder(Path(args.image), args, region, labels or None))
+            return asyncio.run(
+                run_folder(Path(args.image), args, region, labels or None, options=options)
+            )
         except KeyboardInterrupt:
-            return 130
+            return EXIT_INTERRUPTED
     assert image is not None
     try:
         pixels_or_bytes, window = image_input(image, args)
-        with MedPClipClient(**client_options(args)) as client:
+        with MedPClipClient(**options) as client:
             result = client.infer(pixels_or_bytes, region, labels or None, window)
     except MedPClipError as exc:
         if exc.invalid_input:
@@ -520,7 +321,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _err(f"input rejected: {exc}")
         return EXIT_REJECTED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
         _err(f"error: {type(exc).__name__}: {exc}")
         return EXIT_ERROR
@@ -633,9 +434,15 @@ def _progress_bar(total: int, disabled: bool) -> Any:
 
 
 async def run_folder(
-    root: Path, args: argparse.Namespace, region: Region | None, labels: list[str] | None
+    root: Path,
+    args: argparse.Namespace,
+    region: Region | None,
+    labels: list[str] | None,
+    *,
+    options: dict[str, Any] | None = None,
 ) -> int:
-    """Every image under `root` through the asyncio client, `--concurrency` in flight."""
+    """Every image under `root` through the asyncio client, `--concurrency` in flight;
+    `options`: the client's keyword arguments (default: `client_options(args)`)."""
     from .aio import AsyncMedPClipClient
 
     files = find_images(root, args.recursive)
@@ -659,7 +466,7 @@ async def run_folder(
             yield Request(image, region, labels, window, tag=name)
 
     try:
-        async with AsyncMedPClipClient(**client_options(args)) as client:
+        async with AsyncMedPClipClient(**(options or client_options(args))) as client:
             batch = client.infer_many(requests(), concurrency=args.concurrency)
             async with contextlib.aclosing(batch):
                 async for out in batch:

@@ -16,22 +16,44 @@ import json
 import logging
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-from ..cli import _floats, _join_negative
-from ..cli import _timeout as _seconds
-from ..client import DEFAULT_URL
+from ..arguments import (
+    CONNECTION_EPILOG,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    REGION_EPILOG,
+    WINDOW_EPILOG,
+    UsageError,
+    add_connection_arguments,
+    add_label_arguments,
+    add_region_arguments,
+    add_window_argument,
+    connection_options,
+    exit_codes_help,
+    integer,
+    join_negative,
+    parse_box,  # noqa: F401 - kept importable from here
+    parse_point,  # noqa: F401
+    parse_window,  # noqa: F401
+    read_labels_file,
+    seconds,
+)
 
 PROG = "medpclip-pacs"
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_UNREACHABLE = 4
-EXIT_NOT_FOUND = 5
+# former names of the shared exit codes (arguments.EXIT_CODES says what each means)
+EXIT_REFUSED = EXIT_REJECTED
+EXIT_UNREACHABLE = EXIT_UNAVAILABLE
 
 DESCRIPTION = """\
 Fetch DICOM instances from a DICOMweb archive (WADO-RS), ask a MedP-CLIP Triton server which
@@ -40,17 +62,24 @@ SR (TID 1500 measurement report: finding label, its probability, the region as i
 coordinates, a reference to the source) and, with --mask-out, a DICOM SEG of the mask. The SR
 and SEG go to the archive in one request: on any error nothing is stored."""
 
-EPILOG = """\
-region:
-  Pixels of the source image: x = column, y = row, from its top-left corner. --point may be
-  repeated; --box takes X0,Y0,X1,Y1. `run` needs one of them; `query` applies it to every
-  instance (without one the whole image is scored and the SR's region is the image outline).
+REGION_NOTES = """\
+  `run` needs --point or --box; `query` applies it to every instance (without one the whole
+  image is scored and the SR's region is the image outline). The SR holds one region: give
+  points or a box, not both, and foreground points only (LABEL 1).
+"""
 
+QUERY_EXIT_NOTES = """\
+query: the code of the error that stopped the batch, else of the first failed instance, else 3
+if any instance was refused in this run."""
+
+EPILOG = f"""\
+{REGION_EPILOG}{REGION_NOTES}
 labels:
   --labels "a nodule" "a cyst" (one argument each) or --labels-file F (one per line, # comments).
   The best-scoring label is the finding; it is coded in the private scheme 99MEDPCLIP and its
   full text is stored too.
 
+{WINDOW_EPILOG}
 query mode:
   QIDO-RS filters --modality and --study-date (YYYYMMDD, or a range YYYYMMDD-YYYYMMDD, open
   ranges -YYYYMMDD and YYYYMMDD- too). Non-image instances (SR, SEG, ...) are skipped. --state
@@ -58,17 +87,11 @@ query mode:
   rerun skips them (refused ones are retried with --retry-refused); a state file belongs to one
   request (labels, region, window, --mask-out). At most --concurrency instances are in flight.
 
-exit codes:
-  0  success
-  1  other error (e.g. the archive rejected the report)
-  2  usage error
-  3  input refused: not an image, no pixel data, multi-frame, an undecodable transfer syntax,
-     no SEG possible for it, or the inference server rejected the request
-  4  the DICOMweb archive or the inference server is unreachable
-  5  the study/series/instance is not in the archive
-  query: the code of the error that stopped the batch, else of the first failed instance,
-  else 3 if any instance was refused in this run.
+DICOMweb:
+  --dicomweb is the archive's DICOMweb root; --pacs-timeout bounds each DICOMweb request.
 
+{CONNECTION_EPILOG}
+{exit_codes_help(QUERY_EXIT_NOTES)}
 No patient attributes are printed or logged; instances are named by UID.
 """
 
@@ -78,25 +101,6 @@ _DATE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
 
 
 # --- argument types ---------------------------------------------------------------------------
-
-
-def parse_point(text: str) -> tuple[float, float]:
-    x, y = _floats(text, 2, "X,Y (column, row in pixels)")
-    return x, y
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = _floats(text, 4, "X0,Y0,X1,Y1 (top-left and bottom-right corners)")
-    if not (x0 < x1 and y0 < y1):
-        raise argparse.ArgumentTypeError(f"expected X0 < X1 and Y0 < Y1, got {text!r}")
-    return x0, y0, x1, y1
-
-
-def parse_window(text: str) -> tuple[float, float]:
-    centre, width = _floats(text, 2, "CENTRE,WIDTH")
-    if width <= 0:
-        raise argparse.ArgumentTypeError(f"the window width must be > 0, got {text!r}")
-    return centre, width
 
 
 def parse_uid(text: str) -> str:
@@ -131,19 +135,6 @@ def parse_study_date(text: str) -> str:
     return text.strip()
 
 
-def _bounded_int(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer {low}..{high}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _common(p: argparse.ArgumentParser, region_required: bool) -> None:
     p.add_argument(
         "--dicomweb",
@@ -151,42 +142,18 @@ def _common(p: argparse.ArgumentParser, region_required: bool) -> None:
         required=True,
         help="DICOMweb root of the archive, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)",
     )
-    g = p.add_mutually_exclusive_group(required=region_required)
-    g.add_argument(
-        "--point",
-        metavar="X,Y",
-        type=parse_point,
-        action="append",
-        help="a point inside the region (repeatable)",
-    )
-    g.add_argument("--box", metavar="X0,Y0,X1,Y1", type=parse_box, help="a box around the region")
-    lab = p.add_mutually_exclusive_group(required=True)
-    lab.add_argument("--labels", metavar="LABEL", nargs="+", help="candidate labels (free text)")
-    lab.add_argument("--labels-file", metavar="F", help="candidate labels, one per line")
+    add_region_arguments(p, exclusive=True, required=region_required)
+    add_window_argument(p)
+    add_label_arguments(p, required=True)
     p.add_argument("--mask-out", action="store_true", help="also store the mask as a DICOM SEG")
-    p.add_argument("--window", metavar="C,W", type=parse_window, help="display window centre,width")
-    p.add_argument(
-        "--triton",
-        "--url",
-        dest="triton",
-        metavar="HOST:PORT",
-        default=DEFAULT_URL,
-        help=f"Triton gRPC endpoint (default {DEFAULT_URL})",
-    )
-    p.add_argument(
-        "--timeout",
-        metavar="S",
-        type=_seconds,
-        default=60.0,
-        help="seconds per inference (default 60; 0: no limit)",
-    )
     p.add_argument(
         "--pacs-timeout",
         metavar="S",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="seconds per DICOMweb request (default 30; 0: no limit)",
     )
+    add_connection_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (UIDs only)")
 
@@ -225,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument(
         "--concurrency",
         metavar="N",
-        type=_bounded_int(1, 64),
+        type=integer(1, 64),
         default=4,
         help="instances in flight at most (default 4)",
     )
@@ -237,18 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
-    if args.labels_file:
-        try:
-            text = Path(args.labels_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read --labels-file: {exc}") from None
-        labels = [s.strip() for s in text.splitlines()]
-        labels = [s for s in labels if s and not s.startswith("#")]
-    else:
-        labels = [s.strip() for s in args.labels]
+    labels = read_labels_file(args.labels_file) if args.labels_file else args.labels
+    labels = [s.strip() for s in labels]
     if not labels or not all(labels):
-        raise ValueError("give at least one non-empty label")
+        raise UsageError("give at least one non-empty label")
     return labels
+
+
+def _points(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[float, float]]:
+    """The (x, y) of the --point options: the SR's region is drawn from foreground points, so a
+    background point (LABEL 0) is a usage error here."""
+    if any(label == 0 for _, _, label in args.point):
+        parser.error(
+            "argument --point: medpclip-pacs takes foreground points only (LABEL 1): "
+            "the SR's region is drawn from them"
+        )
+    return [(x, y) for x, y, _ in args.point]
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -289,25 +260,122 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see --help)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(_join_negative(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(join_negative(sys.argv[1:] if argv is None else argv))
+        points = _points(args, parser)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         labels = _labels(args)
-    except ValueError as exc:
+        options = connection_options(args)
+    except UsageError as exc:
         _err(f"error: {exc}")
         return EXIT_USAGE
     _configure_logging(args.verbose)
     with warnings.catch_warnings():
         if not args.verbose:
             warnings.simplefilter("ignore")
-        return _execute(args, labels)
+        return _execute(args, labels, points, options)
 
 
-def _execute(args: argparse.Namespace, labels: list[str]) -> int:
+# --- exit codes -------------------------------------------------------------------------------
+
+# ErrorKind (pacs.dicomweb) by name -> the exit code both commands share (arguments.EXIT_CODES).
+_EXIT_BY_KIND = {
+    "OTHER": EXIT_ERROR,
+    "USAGE": EXIT_USAGE,
+    "REFUSED": EXIT_REJECTED,
+    "UNREACHABLE": EXIT_UNAVAILABLE,
+    "DENIED": EXIT_DENIED,
+    "NOT_FOUND": EXIT_NOT_FOUND,
+}
+
+
+def exit_code(error: Any) -> int:
+    """The exit code of a `PacsError`, from its kind (a refused caller: 5)."""
+    if getattr(error, "caller_refused", False):
+        return EXIT_DENIED
+    return _EXIT_BY_KIND.get(error.kind.name, EXIT_ERROR)
+
+
+def _query_exit_code(summary: Any) -> int:
+    """As `QuerySummary.exit_code`, in the shared codes: the batch-stopping error's, else the
+    first failure's, else 3 when instances were refused, else 0."""
+    if summary.aborted is not None:
+        return exit_code(summary.aborted)
+    if summary.failed:
+        return exit_code(summary.failed[0][1])
+    return EXIT_REJECTED if summary.refused else EXIT_OK
+
+
+def _connected_bridge(pacs: Any, options: dict[str, Any]) -> Any:
+    """A `Bridge` whose inference clients are built with all the connection options (TLS,
+    headers, API key, retries; `Bridge` itself takes only the URL and the timeout), and which
+    tells a refused caller (no or a wrong API key: exit 5, the batch stops, as every instance
+    would be refused alike) from other inference failures."""
+    from ..client import MedPClipClient, MedPClipError
+    from .bridge import Bridge
+    from .dicomweb import ErrorKind, PacsError
+
+    class CallerRefused(PacsError):
+        caller_refused = True
+
+        def __init__(self, message: str) -> None:
+            # UNREACHABLE: the kind that stops a query batch
+            super().__init__(message, ErrorKind.UNREACHABLE)
+
+        @property
+        def exit_code(self) -> int:
+            return EXIT_DENIED
+
+    class ConnectedBridge(Bridge):
+        def __init__(self) -> None:
+            super().__init__(pacs, options["url"], timeout_s=options["timeout_s"])
+            self._connected = threading.local()
+            self._opened: list[MedPClipClient] = []
+            self._opened_lock = threading.Lock()
+
+        def _client(self) -> MedPClipClient:
+            client = getattr(self._connected, "client", None)
+            if client is None:
+                try:
+                    client = MedPClipClient(**options)
+                except MedPClipError as exc:
+                    raise self._inference_error(exc, None) from None
+                self._connected.client = client
+                with self._opened_lock:
+                    self._opened.append(client)
+            return client
+
+        def _inference_error(self, exc: MedPClipError, ref: Any) -> PacsError:
+            if exc.denied:
+                return CallerRefused(
+                    f"the inference server at {self.triton_url} refused the caller: "
+                    f"{exc.message}; give its API key with --api-key-file"
+                )
+            return super()._inference_error(exc, ref)
+
+        def close(self) -> None:
+            with self._opened_lock:
+                clients, self._opened = self._opened, []
+            for c in clients:
+                c.close()
+            super().close()
+
+    return ConnectedBridge()
+
+
+# --- the subcommands --------------------------------------------------------------------------
+
+
+def _execute(
+    args: argparse.Namespace,
+    labels: list[str],
+    points: list[tuple[float, float]],
+    options: dict[str, Any],
+) -> int:
     """The subcommand, after parsing; returns the exit code."""
     try:
-        from .bridge import Bridge, Request, StateFile
+        from .bridge import Request, StateFile
         from .dicomweb import DicomWeb, InstanceRef, PacsError
     except ImportError as exc:
         _err(
@@ -318,14 +386,14 @@ def _execute(args: argparse.Namespace, labels: list[str]) -> int:
 
     request = Request(
         labels=tuple(labels),
-        points=tuple(args.point) if args.point else None,
+        points=tuple(points) if points else None,
         box=args.box,
         mask_out=args.mask_out,
         window=args.window,
     )
     try:
         pacs = DicomWeb(args.dicomweb, timeout_s=args.pacs_timeout or None)
-        with Bridge(pacs, args.triton, timeout_s=args.timeout or None) as bridge:
+        with _connected_bridge(pacs, options) as bridge:
             if args.command == "run":
                 ref = InstanceRef(args.study, args.series, args.instance)
                 outcome = bridge.process(ref, request)
@@ -358,7 +426,10 @@ def _execute(args: argparse.Namespace, labels: list[str]) -> int:
                     progress=progress,
                 )
             if args.json:
-                print(json.dumps(summary.to_json()))
+                doc = summary.to_json()
+                for entry, (_, error) in zip(doc["failed"], summary.failed, strict=True):
+                    entry["exit_code"] = exit_code(error)
+                print(json.dumps(doc))
             else:
                 print(
                     f"query: {summary.matched} matched, {len(summary.stored)} stored, "
@@ -369,12 +440,12 @@ def _execute(args: argparse.Namespace, labels: list[str]) -> int:
                 )
             if summary.aborted is not None:
                 _err(f"stopped: {summary.aborted.message}")
-            return summary.exit_code
+            return _query_exit_code(summary)
     except PacsError as exc:
         _err(f"error: {exc.message}")
-        return exc.exit_code
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
         _err(f"error: {type(exc).__name__}: {exc}")
         return EXIT_ERROR
