@@ -14,6 +14,7 @@ from medpclip_client import arguments, cli
 from medpclip_client.arguments import EXIT_CODES, join_negative
 from medpclip_client.client import MedPClipError
 from medpclip_client.pacs import cli as pacs_cli
+from medpclip_client.pacs.bridge import Bridge
 from medpclip_client.pacs.dicomweb import DicomWeb, ErrorKind, PacsError
 from medpclip_core.dicom import WINDOW_PRESETS
 
@@ -247,17 +248,17 @@ def test_exit_codes_are_one_table():
     assert cli.EXIT_DENIED == arguments.EXIT_DENIED == 5
     assert pacs_cli.EXIT_REFUSED == cli.EXIT_REJECTED == 3
     assert pacs_cli.EXIT_UNREACHABLE == cli.EXIT_UNAVAILABLE == 4
-    assert pacs_cli.EXIT_NOT_FOUND == 6
-    # every kind of PACS failure has its shared code
+    # every kind of PACS failure is its shared code
     expected = {
-        ErrorKind.OTHER: 1,
-        ErrorKind.USAGE: 2,
-        ErrorKind.REFUSED: 3,
-        ErrorKind.UNREACHABLE: 4,
-        ErrorKind.NOT_FOUND: 6,
+        ErrorKind.OTHER: arguments.EXIT_ERROR,
+        ErrorKind.USAGE: arguments.EXIT_USAGE,
+        ErrorKind.REFUSED: arguments.EXIT_REJECTED,
+        ErrorKind.UNREACHABLE: arguments.EXIT_UNAVAILABLE,
+        ErrorKind.DENIED: arguments.EXIT_DENIED,
+        ErrorKind.NOT_FOUND: arguments.EXIT_NOT_FOUND,
     }
     for kind in ErrorKind:
-        assert pacs_cli.exit_code(PacsError("x", kind)) == expected[kind], kind
+        assert PacsError("x", kind).exit_code == expected[kind], kind
 
 
 def test_pacs_inference_clients_get_the_connection_options(tmp_path):
@@ -272,7 +273,8 @@ def test_pacs_inference_clients_get_the_connection_options(tmp_path):
     assert options == arguments.connection_options(
         _client_args([*same, "--api-key-file", str(key)])
     )
-    bridge = pacs_cli._connected_bridge(DicomWeb("http://127.0.0.1:1/dicom-web"), options)
+    url, timeout_s = options.pop("url"), options.pop("timeout_s")
+    bridge = Bridge(DicomWeb("http://127.0.0.1:1/dicom-web"), url, timeout_s, options)
     with bridge:
         client = bridge._client()  # no call made: nothing listens on port 1
         assert client is bridge._client()
@@ -283,7 +285,7 @@ def test_pacs_inference_clients_get_the_connection_options(tmp_path):
         refused = bridge._inference_error(
             MedPClipError("needs an API key", "StatusCode.UNAUTHENTICATED"), None
         )
-        assert pacs_cli.exit_code(refused) == refused.exit_code == 5
-        assert refused.kind == ErrorKind.UNREACHABLE and "--api-key-file" in refused.message
+        assert refused.exit_code == 5 and refused.kind == ErrorKind.DENIED
+        assert "--api-key-file" in refused.message
         invalid = MedPClipError("bad box", "StatusCode.INVALID_ARGUMENT")
-        assert pacs_cli.exit_code(bridge._inference_error(invalid, None)) == 3
+        assert bridge._inference_error(invalid, None).exit_code == 3

@@ -30,11 +30,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -304,10 +305,14 @@ class Bridge:
         pacs: DicomWeb,
         triton_url: str = DEFAULT_URL,
         timeout_s: float | None = 60.0,
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """`client_options`: further `MedPClipClient` arguments (TLS, headers, API key,
+        retries), as `medpclip_client.arguments.client_options` builds them."""
         self.pacs = pacs
         self.triton_url = triton_url
         self.timeout_s = timeout_s
+        self.client_options = dict(client_options or {})
         self._local = threading.local()
         self._clients: list[MedPClipClient] = []
         self._lock = threading.Lock()
@@ -328,7 +333,9 @@ class Bridge:
         client = getattr(self._local, "client", None)
         if client is None:
             try:
-                client = MedPClipClient(self.triton_url, timeout_s=self.timeout_s)
+                client = MedPClipClient(
+                    self.triton_url, timeout_s=self.timeout_s, **self.client_options
+                )
             except MedPClipError as exc:
                 raise self._inference_error(exc, None) from None
             self._local.client = client
@@ -342,6 +349,12 @@ class Bridge:
             return PacsError(
                 f"the inference server refused the request{where}: {exc.message}",
                 ErrorKind.REFUSED,
+            )
+        if exc.denied:
+            return PacsError(
+                f"the inference server at {self.triton_url} refused the caller: {exc.message}; "
+                "give its API key with --api-key-file (or MEDPCLIP_API_KEY)",
+                ErrorKind.DENIED,
             )
         if exc.unavailable:
             return PacsError(
@@ -518,7 +531,9 @@ class Bridge:
                         summary.refused.append((ref, exc))
                     else:
                         summary.failed.append((ref, exc))
-                        if exc.kind == ErrorKind.UNREACHABLE and summary.aborted is None:
+                        # every later instance would fail alike: stop the batch
+                        stops = (ErrorKind.UNREACHABLE, ErrorKind.DENIED)
+                        if exc.kind in stops and summary.aborted is None:
                             summary.aborted = exc
                             stop.set()
                 if exc.kind == ErrorKind.REFUSED:

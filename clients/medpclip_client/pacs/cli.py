@@ -16,17 +16,14 @@ import json
 import logging
 import re
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from ..arguments import (
     CONNECTION_EPILOG,
-    EXIT_DENIED,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
-    EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_REJECTED,
     EXIT_UNAVAILABLE,
@@ -278,90 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- exit codes -------------------------------------------------------------------------------
-
-# ErrorKind (pacs.dicomweb) by name -> the exit code both commands share (arguments.EXIT_CODES).
-_EXIT_BY_KIND = {
-    "OTHER": EXIT_ERROR,
-    "USAGE": EXIT_USAGE,
-    "REFUSED": EXIT_REJECTED,
-    "UNREACHABLE": EXIT_UNAVAILABLE,
-    "DENIED": EXIT_DENIED,
-    "NOT_FOUND": EXIT_NOT_FOUND,
-}
-
-
-def exit_code(error: Any) -> int:
-    """The exit code of a `PacsError`, from its kind (a refused caller: 5)."""
-    if getattr(error, "caller_refused", False):
-        return EXIT_DENIED
-    return _EXIT_BY_KIND.get(error.kind.name, EXIT_ERROR)
-
-
-def _query_exit_code(summary: Any) -> int:
-    """As `QuerySummary.exit_code`, in the shared codes: the batch-stopping error's, else the
-    first failure's, else 3 when instances were refused, else 0."""
-    if summary.aborted is not None:
-        return exit_code(summary.aborted)
-    if summary.failed:
-        return exit_code(summary.failed[0][1])
-    return EXIT_REJECTED if summary.refused else EXIT_OK
-
-
-def _connected_bridge(pacs: Any, options: dict[str, Any]) -> Any:
-    """A `Bridge` whose inference clients are built with all the connection options (TLS,
-    headers, API key, retries; `Bridge` itself takes only the URL and the timeout), and which
-    tells a refused caller (no or a wrong API key: exit 5, the batch stops, as every instance
-    would be refused alike) from other inference failures."""
-    from ..client import MedPClipClient, MedPClipError
-    from .bridge import Bridge
-    from .dicomweb import ErrorKind, PacsError
-
-    class CallerRefused(PacsError):
-        caller_refused = True
-
-        def __init__(self, message: str) -> None:
-            # UNREACHABLE: the kind that stops a query batch
-            super().__init__(message, ErrorKind.UNREACHABLE)
-
-        @property
-        def exit_code(self) -> int:
-            return EXIT_DENIED
-
-    class ConnectedBridge(Bridge):
-        def __init__(self) -> None:
-            super().__init__(pacs, options["url"], timeout_s=options["timeout_s"])
-            self._connected = threading.local()
-            self._opened: list[MedPClipClient] = []
-            self._opened_lock = threading.Lock()
-
-        def _client(self) -> MedPClipClient:
-            client = getattr(self._connected, "client", None)
-            if client is None:
-                try:
-                    client = MedPClipClient(**options)
-                except MedPClipError as exc:
-                    raise self._inference_error(exc, None) from None
-                self._connected.client = client
-                with self._opened_lock:
-                    self._opened.append(client)
-            return client
-
-        def _inference_error(self, exc: MedPClipError, ref: Any) -> PacsError:
-            if exc.denied:
-                return CallerRefused(
-                    f"the inference server at {self.triton_url} refused the caller: "
-                    f"{exc.message}; give its API key with --api-key-file"
-                )
-            return super()._inference_error(exc, ref)
-
-        def close(self) -> None:
-            with self._opened_lock:
-                clients, self._opened = self._opened, []
-            for c in clients:
-                c.close()
-            super().close()
-
-    return ConnectedBridge()
+# A PacsError's kind (pacs.dicomweb.ErrorKind) is its exit code, from the table both commands
+# share (arguments.EXIT_CODES); QuerySummary.exit_code gives a batch's.
 
 
 # --- the subcommands --------------------------------------------------------------------------
@@ -375,7 +290,7 @@ def _execute(
 ) -> int:
     """The subcommand, after parsing; returns the exit code."""
     try:
-        from .bridge import Request, StateFile
+        from .bridge import Bridge, Request, StateFile
         from .dicomweb import DicomWeb, InstanceRef, PacsError
     except ImportError as exc:
         _err(
@@ -393,7 +308,9 @@ def _execute(
     )
     try:
         pacs = DicomWeb(args.dicomweb, timeout_s=args.pacs_timeout or None)
-        with _connected_bridge(pacs, options) as bridge:
+        with Bridge(
+            pacs, options.pop("url"), options.pop("timeout_s"), client_options=options
+        ) as bridge:
             if args.command == "run":
                 ref = InstanceRef(args.study, args.series, args.instance)
                 outcome = bridge.process(ref, request)
@@ -426,10 +343,7 @@ def _execute(
                     progress=progress,
                 )
             if args.json:
-                doc = summary.to_json()
-                for entry, (_, error) in zip(doc["failed"], summary.failed, strict=True):
-                    entry["exit_code"] = exit_code(error)
-                print(json.dumps(doc))
+                print(json.dumps(summary.to_json()))
             else:
                 print(
                     f"query: {summary.matched} matched, {len(summary.stored)} stored, "
@@ -440,10 +354,10 @@ def _execute(
                 )
             if summary.aborted is not None:
                 _err(f"stopped: {summary.aborted.message}")
-            return _query_exit_code(summary)
+            return summary.exit_code
     except PacsError as exc:
         _err(f"error: {exc.message}")
-        return exit_code(exc)
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back

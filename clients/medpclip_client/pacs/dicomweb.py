@@ -58,7 +58,9 @@ class ErrorKind(enum.IntEnum):
     USAGE = 2  # the command line or its files are inconsistent
     REFUSED = 3  # the input cannot be processed (not an image, no pixels, syntax, bad prompt)
     UNREACHABLE = 4  # the archive or the inference server cannot be reached
-    NOT_FOUND = 5  # the archive has no such study/series/instance
+    DENIED = 5  # the archive or the inference server refused this caller (credentials, API key)
+    NOT_FOUND = 6  # the archive has no such study/series/instance
+    # (the values are medpclip_client.arguments.EXIT_CODES, shared with medpclip-client)
 
 
 class PacsError(Exception):
@@ -188,7 +190,8 @@ class DicomWeb:
         if status in (401, 403):
             return PacsError(
                 f"the DICOMweb server at {self.url} refused access (HTTP {status}, {what}): "
-                "it requires credentials or does not allow this client"
+                "it requires credentials or does not allow this client",
+                ErrorKind.DENIED,
             )
         if status in (502, 503, 504):
             return PacsError(
