@@ -21,7 +21,6 @@ import time
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 from medpclip_core.auth import AUTH_HEADER
 
@@ -415,17 +414,6 @@ class ServeProcess(Endpoints):
                 proc.wait()
         self._process = None
         return proc.returncode
-
-    def __enter__(self) -> ServeProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from .deployment import SERVER_FLAGS
 
@@ -349,6 +350,9 @@ def _startup_failure(what: str, log_file: Path, start: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_E = TypeVar("_E", bound="Endpoints")
+
+
 class Endpoints:
     """The addresses and process state of a server child process (``TritonServer`` and the
     launcher's ``ServeProcess``): set ``host``, ``metrics_host``, the three ports and
@@ -385,6 +389,23 @@ class Endpoints:
     def running(self) -> bool:
         """True while the child process is alive."""
         return self._process is not None and self._process.poll() is None
+
+    def start(self: _E) -> _E:
+        raise NotImplementedError
+
+    def stop(self) -> int | None:
+        raise NotImplementedError
+
+    def __enter__(self: _E) -> _E:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class TritonServer(Endpoints):
@@ -634,17 +655,6 @@ class TritonServer(Endpoints):
                 pass
             except OSError as exc:
                 LOG.warning("could not remove %s: %s", SHM_DIR / name, exc)
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return (
