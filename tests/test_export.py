@@ -34,6 +34,31 @@ def test_onnx_runtime_matches_pytorch(build_dir, model, checkpoint, name):
         assert max(diffs.values()) <= 1e-4, diffs
 
 
+def test_text_encoder_reads_labels_at_their_own_length(build_dir, model, checkpoint):
+    """Labels are padded to the request's longest label (a bucket), not to the context, and the
+    exported text encoder (dynamic sequence axis) gives the same embeddings either way."""
+    import numpy as np
+
+    from medpclip.onnx_export import ort_session
+    from medpclip_core.labels import load_tokenizer, tokenize
+
+    labels = ["a nodule", "a cyst", "a spiculated mass", "a calcification"]
+    tok = load_tokenizer(checkpoint / "tokenizer.json", model.cfg.text.context_length)
+    ids, mask = tokenize(tok, labels)
+    assert ids.shape[1] == T.TOKEN_BUCKET < model.cfg.text.context_length
+    full = (
+        [e.ids for e in tok.encode_batch(labels)],
+        [e.attention_mask for e in tok.encode_batch(labels)],
+    )
+    session = ort_session(build_dir / "onnx" / "text_encoder.onnx")
+    short = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    padded = session.run(
+        None,
+        {"input_ids": np.array(full[0], np.int64), "attention_mask": np.array(full[1], np.int64)},
+    )[0]
+    assert np.abs(short - padded).max() <= 1e-6
+
+
 def test_second_export_reuses_everything(build_dir, checkpoint, capsys):
     before = {p: p.stat().st_mtime_ns for p in (build_dir / "onnx").glob("*.onnx")}
     assert (

@@ -19,9 +19,10 @@ from medpclip.model import build, save_checkpoint
 from medpclip.real_inputs import sample_dicom, text_batch
 from medpclip.tokenizer import DEFAULT_TOKENIZER, save_tokenizer
 from medpclip_core import imaging
+from medpclip_core import tensors as T
 from medpclip_core.errors import InputError
 from medpclip_core.inputs import prepare, stack
-from medpclip_core.labels import load_tokenizer, tokenize
+from medpclip_core.labels import context_length, load_tokenizer, tokenize
 
 CFG = ModelConfig.load("tiny")
 S, M, L = CFG.vision.image_size, CFG.dims.M, CFG.text.context_length
@@ -87,9 +88,13 @@ def test_prepare_on_a_png_equals_the_hand_made_sequence(tok):
     x = prepare(_png(img), S, M, labels=LABELS, tokenizer=tok, **prompts)
     want = _by_hand(imaging.decode_image(_png(img)), **prompts)
     _assert_same({k: v for k, v in x.arrays().items() if k in want}, want)
-    ids, attention = _tokens_by_hand(LABELS, L)
-    assert np.array_equal(x.input_ids, ids) and np.array_equal(x.attention_mask, attention)
-    assert x.input_ids.shape == (len(LABELS), L)
+    ids, attention = _tokens_by_hand(LABELS, L)  # padded to the context, then cut to a bucket
+    n = T.TOKEN_BUCKET
+    assert not attention[:, n:].any()
+    assert np.array_equal(x.input_ids, ids[:, :n]) and np.array_equal(
+        x.attention_mask, attention[:, :n]
+    )
+    assert x.input_ids.shape == (len(LABELS), n)
 
 
 @pytest.mark.parametrize(
@@ -161,14 +166,20 @@ def test_saved_tokenizers_carry_no_fixed_context(which):
 
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
-def test_load_tokenizer_pads_to_the_config_context_length(size):
+def test_load_tokenizer_takes_the_config_context_length(size):
+    """The context (the longest label allowed) is the config's; a request's labels are cut to
+    their longest, rounded up to a bucket."""
     length = ModelConfig.load(size).text.context_length
     t = load_tokenizer(DEFAULT_TOKENIZER, length)
-    assert t.truncation is None
+    assert t.truncation is None and context_length(t) == length
     ids, attention = tokenize(t, LABELS)
-    assert ids.shape == attention.shape == (len(LABELS), length)
-    assert np.array_equal(ids, _tokens_by_hand(LABELS, length)[0])
-    assert text_batch(DEFAULT_TOKENIZER, length, LABELS)["input_ids"].shape == (2, length)
+    assert ids.shape == attention.shape == (len(LABELS), T.TOKEN_BUCKET)
+    assert np.array_equal(ids, _tokens_by_hand(LABELS, length)[0][:, : T.TOKEN_BUCKET])
+    assert text_batch(DEFAULT_TOKENIZER, length, LABELS)["input_ids"].shape == (2, T.TOKEN_BUCKET)
+    longer = ["a spiculated mass with a dark cyst beside a round hyperdense nodule"]
+    n = int(_tokens_by_hand(longer, length)[1].sum())
+    assert n > T.TOKEN_BUCKET
+    assert tokenize(t, longer)[0].shape[1] == min(length, -(-n // T.TOKEN_BUCKET) * T.TOKEN_BUCKET)
 
 
 def test_load_tokenizer_needs_a_context_length():
@@ -186,7 +197,7 @@ def test_a_file_fixed_context_is_replaced_by_the_config(tmp_path):
     old.enable_padding(length=32, pad_id=0, pad_token="[PAD]")
     old.save(str(tmp_path / "old.json"))
     t = load_tokenizer(tmp_path / "old.json", 256)
-    assert tokenize(t, LABELS)[0].shape == (2, 256)
+    assert context_length(t) == 256 and tokenize(t, LABELS)[0].shape == (2, T.TOKEN_BUCKET)
     with pytest.raises(InputError, match="at most 8 tokens"):  # refused, not cut at 8
         tokenize(load_tokenizer(tmp_path / "old.json", 8), ["a round hyperdense nodule x y z"])
     ckpt = save_checkpoint(build(CFG), tmp_path / "ckpt", tmp_path / "old.json")

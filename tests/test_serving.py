@@ -172,20 +172,32 @@ def test_concurrent_requests_are_batched_correctly(grpc, model, checkpoint):
         assert np.abs(got["REGION_EMBEDDING"] - want["REGION_EMBEDDING"]).max() <= ATOL
 
 
-def test_repeated_label_set_is_answered_from_the_response_cache(grpc, server):
+def _text_encoder_cache_hits(server) -> int:
     import re
     import urllib.request
 
-    def hits() -> int:
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        m = re.search(
-            r'nv_cache_num_hits_per_model\{model="medp_clip_text",version="1"\} (\d+)', text
-        )
-        return int(m.group(1)) if m else 0
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(r'nv_cache_num_hits_per_model\{model="text_encoder",version="1"\} (\d+)', text)
+    return int(m.group(1)) if m else 0
 
+
+def test_repeated_label_set_is_answered_from_the_response_cache(grpc, server):
     labels = np.array([b"a cached label", b"another cached label"], dtype=object)
     first = _infer(grpc, "medp_clip_text", LABELS=labels)["TEXT_EMBEDDINGS"]
-    before = hits()
+    before = _text_encoder_cache_hits(server)
     again = _infer(grpc, "medp_clip_text", LABELS=labels)["TEXT_EMBEDDINGS"]
-    assert hits() == before + 1
+    assert _text_encoder_cache_hits(server) == before + 1
     assert np.array_equal(first, again)
+
+
+def test_medp_clip_encodes_a_repeated_label_set_once(grpc, server, model, checkpoint):
+    """The main call's text branch is served from the same cache: the second call with the same
+    labels (another image, another prompt) is a cache hit and answers as the reference does."""
+    labels = ["a label set for medp_clip", "and a second label"]
+    wire = np.array([s.encode() for s in labels], dtype=object)
+    _infer(grpc, "medp_clip", IMAGE=image_bytes(sample_image(H, W)), LABELS=wire)
+    before = _text_encoder_cache_hits(server)
+    img = sample_image(H, W, seed=1)
+    served = _infer(grpc, "medp_clip", IMAGE=image_bytes(img), LABELS=wire, **PROMPTS["box"])
+    assert _text_encoder_cache_hits(server) == before + 1
+    _compare(served, _reference(model, checkpoint, img, PROMPTS["box"], labels), H, W)

@@ -37,8 +37,11 @@ def test_profiles_follow_the_declarations(spec, model):
             if d >= 0:
                 assert lo[i] == opt[i] == hi[i] == d
             else:
-                assert (lo[i], opt[i], hi[i]) == T.DYNAMIC_BOUNDS[sym]
-    assert te.profile(T.TEXT_ENCODER, dims).shapes["input_ids"][1][0] == T.OPT_BATCH["text_encoder"]
+                assert (lo[i], opt[i], hi[i]) == T.bounds(sym, dims)
+    text = te.profile(T.TEXT_ENCODER, dims).shapes["input_ids"]
+    assert text[1][0] == T.OPT_BATCH["text_encoder"]
+    # labels from one bucket up to the full context fit the profile
+    assert (text[0][1], text[2][1]) == (min(T.TOKEN_BUCKET, dims.L), dims.L)
     # a request with the most points the API allows plus a box fits the profile
     assert T.DYNAMIC_BOUNDS["N"][2] == T.MAX_POINTS + 2
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import InputError
-from .tensors import MAX_LABEL_CHARS, MAX_LABELS
+from .tensors import MAX_LABEL_CHARS, MAX_LABELS, TOKEN_BUCKET
 
 
 def validate_labels(labels: Sequence[bytes | str], max_labels: int = MAX_LABELS) -> list[str]:
@@ -80,7 +80,8 @@ def check_token_lengths(tok, encodings: Sequence) -> None:
 
 
 def tokenize(tok, labels: Sequence[bytes | str], max_labels: int = MAX_LABELS):
-    """Validated labels -> (input_ids, attention_mask), int64 [T, L] numpy arrays.
+    """Validated labels -> (input_ids, attention_mask), int64 [T, Q] numpy arrays, Q the longest
+    label's tokens rounded up to `TOKEN_BUCKET` (at most the context length).
 
     The one place where the server tokenizes (`preprocess` for medp_clip, `tokenizer` for
     medp_clip_text), so every ensemble taking LABELS refuses the same labels."""
@@ -88,7 +89,10 @@ def tokenize(tok, labels: Sequence[bytes | str], max_labels: int = MAX_LABELS):
 
     enc = tok.encode_batch(validate_labels(labels, max_labels))
     check_token_lengths(tok, enc)
-    return (
-        np.array([e.ids for e in enc], dtype=np.int64),
-        np.array([e.attention_mask for e in enc], dtype=np.int64),
-    )
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    # Padding is masked out, so the embeddings do not depend on how much of it there is: cut it
+    # to the longest label, rounded up to a bucket (at most the context, which padded it).
+    longest = int(mask.sum(axis=1).max())
+    n = min(mask.shape[1], -(-longest // TOKEN_BUCKET) * TOKEN_BUCKET)
+    return ids[:, :n], mask[:, :n]

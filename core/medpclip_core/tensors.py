@@ -9,8 +9,9 @@ Shapes use symbols that are resolved from the model config (`Dims`):
   S  image side in pixels          g  patch grid side (S / patch)     P  g*g patches
   M  low-res mask side (4*g)       W  image encoder width             C  prompt/decoder width
   D  shared embedding dim          L  text context length
-Any other symbol (N = number of prompt points, T = number of labels, H, X = image size) is dynamic
-and becomes -1. For batched models (`max_batch_size > 0`) the shape excludes the batch axis.
+Any other symbol (N = number of prompt points, T = number of labels, Q = tokens per label in
+this request, at most L, H, X = image size) is dynamic and becomes -1. For batched models
+(`max_batch_size > 0`) the shape excludes the batch axis.
 
 This module is deliberately dependency-free: the client installs without torch or numpy extras.
 """
@@ -110,9 +111,26 @@ MAX_POINTS = 16  # points per request
 MAX_IMAGE_SIDE = 8192  # pixels, either side, before letterboxing
 MAX_LABEL_CHARS = 512
 
-# (min, opt, max) of each dynamic non-batch symbol, for TensorRT optimisation profiles.
-# N counts prompt points after preprocessing: the points plus two box corners.
-DYNAMIC_BOUNDS: dict[str, tuple[int, int, int]] = {"N": (1, 3, MAX_POINTS + 2)}
+# Labels are padded to the longest label of the request, rounded up to a multiple of this (and
+# at most the context L): short labels cost a fraction of the full context (compute grows with
+# the length, squared in attention), and few distinct lengths let requests batch together.
+TOKEN_BUCKET = 8
+
+# (min, opt, max) of each dynamic non-batch symbol, for TensorRT optimisation profiles; a string
+# is a static symbol of the model config. N counts prompt points after preprocessing: the points
+# plus two box corners. Q: tokens per label (the bucketed length, at most the context L).
+DYNAMIC_BOUNDS: dict[str, tuple[int | str, int | str, int | str]] = {
+    "N": (1, 3, MAX_POINTS + 2),
+    "Q": (TOKEN_BUCKET, 2 * TOKEN_BUCKET, "L"),
+}
+
+
+def bounds(symbol: str, dims: Dims) -> tuple[int, int, int]:
+    """(min, opt, max) of a dynamic symbol for this model size (each clamped to max)."""
+    lo, mid, hi = (dims.get(v) if isinstance(v, str) else v for v in DYNAMIC_BOUNDS[symbol])
+    return min(lo, hi), min(mid, hi), hi
+
+
 # The batch a profile is tuned for (min is 1, max is the model's max_batch_size).
 OPT_BATCH: dict[str, int] = {"text_encoder": 8}
 
@@ -159,8 +177,8 @@ TEXT_ENCODER = ModelSpec(
     max_batch_size=MAX_LABELS,
     doc="BERT-style text tower; embedding is L2-normalised.",
     inputs=(
-        Tensor("input_ids", "int64", ("L",)),
-        Tensor("attention_mask", "int64", ("L",)),
+        Tensor("input_ids", "int64", ("Q",), doc="padded to the request's longest label"),
+        Tensor("attention_mask", "int64", ("Q",)),
     ),
     outputs=(Tensor("text_embedding", "float32", ("D",)),),
 )
@@ -207,8 +225,8 @@ PREPROCESS = ModelSpec(
         Tensor("mask_input", "float32", (1, 1, "M", "M")),
         Tensor("has_mask", "float32", (1, 1)),
         Tensor("transform", "float32", (5,), doc="scale, pad_x, pad_y, height, width"),
-        Tensor("input_ids", "int64", ("T", "L"), doc="only when LABELS is given"),
-        Tensor("attention_mask", "int64", ("T", "L"), doc="only when LABELS is given"),
+        Tensor("input_ids", "int64", ("T", "Q"), doc="only when LABELS is given"),
+        Tensor("attention_mask", "int64", ("T", "Q"), doc="only when LABELS is given"),
     ),
 )
 
@@ -218,8 +236,8 @@ TOKENIZER = ModelSpec(
     doc="WordPiece tokenization of the candidate labels.",
     inputs=(Tensor("LABELS", "object", ("T",), doc="candidate labels, UTF-8"),),
     outputs=(
-        Tensor("input_ids", "int64", ("T", "L")),
-        Tensor("attention_mask", "int64", ("T", "L")),
+        Tensor("input_ids", "int64", ("T", "Q")),
+        Tensor("attention_mask", "int64", ("T", "Q")),
     ),
 )
 

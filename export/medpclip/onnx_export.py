@@ -40,12 +40,16 @@ class Exportable:
     def sample_inputs(
         self, cfg: ModelConfig, batch: int = 2, seed: int = 0
     ) -> dict[str, np.ndarray]:
-        """Random inputs of the declared shapes (dynamic N = 3) with valid value ranges."""
+        """Random inputs of the declared shapes with valid value ranges: dynamic N = 3, and
+        labels of the full context length Q = L (every position embedding in use)."""
         rng = np.random.default_rng(seed)
         dims = cfg.dims
         out: dict[str, np.ndarray] = {}
         for t in self.spec.inputs:
-            shape = [batch] + [d if d > 0 else 3 for d in t.dims(dims)]
+            shape = [batch] + [
+                d if d > 0 else (dims.L if s == "Q" else 3)
+                for d, s in zip(t.dims(dims), t.shape, strict=True)
+            ]
             if t.name == "point_labels":
                 out[t.name] = rng.integers(-1, 4, size=shape).astype(np.int32)
             elif t.name == "point_coords":

@@ -50,9 +50,11 @@ BACKEND_MODULES = {
 FLAVOURS = ("onnxruntime", "tensorrt")
 # Image encoder shapes are all static: CUDA graphs for every batch size pay off there.
 CUDA_GRAPH_MODELS = ("image_encoder",)
-# Label sets repeat (every request of a PACS integration sends the same list): answer a repeated
-# set from Triton's response cache (enabled by the server flag --cache-config).
-CACHED_MODELS = ("medp_clip_text",)
+# Label sets repeat (every request of a PACS integration sends the same list): the text encoder
+# answers a repeated set from Triton's response cache (bounded by the server flag --cache-config,
+# medpclip_tools.deployment.RESPONSE_CACHE_BYTES). Caching the composing model, not an
+# ensemble, serves every ensemble that takes LABELS (medp_clip too) from one entry per set.
+CACHED_MODELS = ("text_encoder",)
 ENCODER_NAMES = tuple(spec.name for spec in T.ENCODERS)
 # Models whose version folder holds the checkpoint's tokenizer (added by the export).
 TOKENIZER_MODELS = ("tokenizer", "preprocess")
@@ -92,8 +94,6 @@ def model_config(
                 input_map=step.input_map,
                 output_map=step.output_map,
             )
-        if spec.name in CACHED_MODELS:
-            cfg.response_cache.enable = True
         return cfg
     cfg.backend = "python"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
@@ -107,6 +107,8 @@ def _batching(cfg: mc.ModelConfig, spec: T.ModelSpec, queue_delay_us: int = 2000
     if spec.max_batch_size > 0:
         # Batch what arrives together; a short delay lets concurrent requests meet.
         cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    if spec.name in CACHED_MODELS:
+        cfg.response_cache.enable = True
 
 
 def tensorrt_config(spec: T.ModelSpec, dims: T.Dims, engines: dict[str, str]) -> mc.ModelConfig:

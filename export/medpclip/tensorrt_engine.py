@@ -75,7 +75,7 @@ def profile(spec: T.ModelSpec, dims: T.Dims) -> Profile:
             if d >= 0:
                 lo.append(d), mid.append(d), hi.append(d)
             elif symbol in T.DYNAMIC_BOUNDS:
-                a, b, c = T.DYNAMIC_BOUNDS[symbol]
+                a, b, c = T.bounds(symbol, dims)
                 lo.append(a), mid.append(b), hi.append(c)
             else:
                 raise ValueError(f"{spec.name}.{t.name}: no bounds for dynamic axis {symbol!r}")

@@ -19,12 +19,15 @@ from medpclip_core import tensors as T
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 REPOSITORY = "/build/model_repository"
 READY_PATH, LIVE_PATH, METRICS_PATH = "/v2/health/ready", "/v2/health/live", "/metrics"
+# Triton's response cache: the text encoder's answers to repeated label sets (LRU beyond this).
+# One entry is a label set's embeddings, T x D float32 (4 labels x 512 = 8 KiB for base).
+RESPONSE_CACHE_BYTES = 256 * 2**20
 # Flags every deployment passes to tritonserver (the launcher adds its addresses and ports).
 SERVER_FLAGS = (
     "--allow-metrics=true",
     "--exit-on-error=true",  # a broken model fails the pod instead of serving half a repository
     "--strict-readiness=true",  # ready only once every model is loaded
-    "--cache-config=local,size=268435456",  # 256 MiB response cache (repeated label sets)
+    f"--cache-config=local,size={RESPONSE_CACHE_BYTES}",
 )
 MODELS = tuple(m.name for m in T.ENSEMBLES)
 
