@@ -4,6 +4,7 @@ gRPC and (4) the peer a user would otherwise pick, the same PyTorch model served
 
     python perf/benchmark.py                 # base config, ~6 minutes on 2 cores
     python perf/benchmark.py --config tiny --seconds 3
+    python perf/benchmark.py --suite reuse   # text length, label cache, encode once (reuse.py)
 
 Both paths do a request's whole work: image = decode a DICOM slice, letterbox, map a point
 prompt, prompt/image encoders and mask decoder, mask back to the original size; text =
@@ -492,7 +493,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
     p.add_argument("--results", type=Path, default=ROOT / "perf" / "results")
+    p.add_argument(
+        "--suite",
+        choices=("systems", "reuse"),
+        default="systems",
+        help="systems: the systems side by side (above); reuse: text at its length, cached "
+        "label sets, encode once and prompt many (perf/reuse.py)",
+    )
+    p.add_argument(
+        "--text-calls", type=int, default=20, help="reuse suite: text encoder calls timed per side"
+    )
     args = p.parse_args(argv)
+    if args.suite == "reuse":
+        import reuse
+
+        return reuse.main(args)
     doc = run(args)
     text = report(doc)
     print("\n" + text)
