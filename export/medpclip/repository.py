@@ -16,8 +16,8 @@ One generator, two outputs:
   (or, in the tensorrt flavour, its plans and a `tensorrt_plan` config naming them), the
   checkpoint's `tokenizer.json`, and `medpclip.json` (what was exported).
 
-The ensembles, preprocessing and postprocessing do not depend on the flavour; only the four
-encoders do.
+The ensembles, preprocessing and postprocessing do not depend on the flavour; only the
+encoders (`tensors.ENCODERS`) do.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ BACKEND_MODULES = {
 # Triton has no onnxruntime backend). tensorrt: each encoder is a TensorRT plan on the GPU.
 FLAVOURS = ("onnxruntime", "tensorrt")
 # Image encoder shapes are all static: CUDA graphs for every batch size pay off there.
-CUDA_GRAPH_MODELS = ("image_encoder",)
+CUDA_GRAPH_MODELS = ("image_encoder", "image_trunk", "image_prompted")
 # Label sets repeat (every request of a PACS integration sends the same list): answer a repeated
 # set from Triton's response cache (enabled by the server flag --cache-config).
 CACHED_MODELS = ("medp_clip_text",)
 ENCODER_NAMES = tuple(spec.name for spec in T.ENCODERS)
 # Models whose version folder holds the checkpoint's tokenizer (added by the export).
-TOKENIZER_MODELS = ("tokenizer", "preprocess")
+TOKENIZER_MODELS = ("tokenizer", "preprocess", "prompt_preprocess")
 # Files of the committed folder that the generator does not write (and never removes).
 HAND_WRITTEN = ("README.md",)
 # Git keeps no empty folder; Triton needs an ensemble's version folder and ignores its files.
@@ -199,6 +199,13 @@ def source_files(
     dims = cfg.dims
     params = {
         "preprocess": {
+            "image_size": dims.S,
+            "mask_side": dims.M,
+            "max_image_side": T.MAX_IMAGE_SIDE,
+            "context_length": dims.L,
+            "max_labels": T.MAX_LABELS,
+        },
+        "prompt_preprocess": {
             "image_size": dims.S,
             "mask_side": dims.M,
             "max_image_side": T.MAX_IMAGE_SIDE,
