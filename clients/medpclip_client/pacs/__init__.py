@@ -13,7 +13,16 @@ Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `me
         print(outcome.finding.label, outcome.finding.probability, outcome.sr_uid)
 """
 
-from .bridge import Bridge, Outcome, QuerySummary, Request, StateFile, is_non_image, validate
+from .bridge import (
+    Bridge,
+    Outcome,
+    QuerySummary,
+    RegionPrompt,
+    Request,
+    StateFile,
+    is_non_image,
+    validate,
+)
 from .dicomweb import DicomWeb, ErrorKind, InstanceRef, PacsError, StoreResult
 from .reports import LOCAL_SCHEME, Finding, Graphic, build_seg, build_sr, label_concept
 
@@ -28,6 +37,7 @@ __all__ = [
     "Outcome",
     "PacsError",
     "QuerySummary",
+    "RegionPrompt",
     "Request",
     "StateFile",
     "StoreResult",
