@@ -317,6 +317,7 @@ def test_help_describes_the_shared_options_identically(capsys):
         for section in (
             arguments.REGION_TITLE,
             arguments.REGION_EPILOG,
+            arguments.SEVERAL_REGIONS_EPILOG,
             arguments.WINDOW_EPILOG,
             arguments.CONNECTION_EPILOG,
             arguments.exit_codes_help(),

@@ -419,6 +419,41 @@ def test_query_processes_all_ct_phantoms_once_with_bounded_concurrency(
     assert code == 2 and "different request" in err
 
 
+def test_query_with_two_regions_stores_one_sr_per_instance(archive, triton_url, capsys, tmp_path):
+    orthanc, uids, _ = archive
+    phantom_uids = {uids[f"phantom{i}"][2] for i in range(N_PHANTOMS)}
+    state = tmp_path / "state.jsonl"
+    argv = ["query", "--dicomweb", orthanc.dicomweb, "--modality", "CT", "--study-date"]
+    argv += [PHANTOM_DATE, "--state", str(state), "--box", "10,10,40,40", "--box", "50,50,90,90"]
+    argv += ["--triton", triton_url, "--json", "--labels", *CANONICAL]
+    before = orthanc.count_instances()
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert {r["instance"] for r in answer["results"]} == phantom_uids
+    for result in answer["results"]:
+        assert [r["region"]["data"][0] for r in result["regions"]] == [[10, 10], [50, 50]]
+        assert result["seg"] is None
+    assert orthanc.count_instances() == before + N_PHANTOMS  # one SR each
+    lines = [json.loads(line) for line in state.read_text().splitlines()]
+    assert all(len(e["regions"]) == 2 and e["label"] == e["regions"][0]["label"] for e in lines)
+
+
+def test_a_single_region_request_is_what_it_was():
+    from medpclip_client.pacs import Request
+    from medpclip_client.pacs.bridge import RegionPrompt
+
+    one = Request(labels=("a", "b"), points=((1.0, 2.0),), mask_out=True)
+    assert one.fingerprint() == '[["a","b"],[[1.0,2.0]],null,true,null]'  # state files, UIDs
+    assert one.prompts() == (RegionPrompt(points=((1.0, 2.0),)),)
+    regions = (RegionPrompt(box=(0, 0, 5, 5)), RegionPrompt(points=((1, 2),)))
+    two = Request(labels=("a",), regions=regions)
+    assert two.prompts() == regions
+    assert two.fingerprint() != Request(labels=("a",), box=(0, 0, 5, 5)).fingerprint()
+    with pytest.raises(ValueError, match="not both"):
+        Request(labels=("a",), box=(0, 0, 5, 5), regions=regions)
+
+
 def _error_cases():
     # (id, argv builder(orthanc, uids, triton_url), exit code, message part)
     def run(name, *extra, dicomweb=None, triton=None, labels=("a nodule", "a cyst")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,13 @@ def test_session_without_with_encodes_lazily_and_takes_pixels_and_dicom(server):
             _same(s.infer(region, LABELS), want)
             s.infer(region, LABELS)
             assert s.encodes == 1
+        # threads may share a session: concurrent first calls share one encode
+        shared = client.session(ct)
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda r: shared.infer(r, LABELS), [region] * 4))
+        assert shared.encodes == 1
+        for got in answers:
+            _same(got, client.infer(ct, region, LABELS))
 
 
 def test_session_errors(server, image):

@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_REJECTED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "SEVERAL_REGIONS_EPILOG",
     "RegionSpec",
     "UsageError",
     "add_connection_arguments",
@@ -342,7 +343,9 @@ coordinates:
   {MAX_POINTS} points. Numbers are separated by commas (--box 40,50,90,100) or, in one quoted
   argument, by spaces (--box "40 50 90 100"); a negative value may follow its option directly
   (--window -600,1500) or after = (--window=-600,1500).
+"""
 
+SEVERAL_REGIONS_EPILOG = """\
 several regions (the image is sent and encoded once; one answer per region):
   All --point options form ONE region (with the --box, if there is one). Several --box
   options are one region each. --region SPEC adds one region: a quoted list of items,

@@ -28,6 +28,7 @@ from .arguments import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     REGION_EPILOG,
+    SEVERAL_REGIONS_EPILOG,
     WINDOW_EPILOG,
     RegionSpec,
     UsageError,
@@ -81,13 +82,18 @@ the batch."""
 MASK_NOTES = """\
   --mask takes a PNG of exactly the image's size; any nonzero pixel (any colour channel, alpha
   ignored) marks the region. Points, box and mask can be combined. Without any prompt the
-  model gets no region hint. --mask joins a single region; it cannot go with several.
-  With several regions, --save-mask OUT.png writes OUT.1.png, OUT.2.png, ... (one per region,
-  in order), and a folder IMAGE takes a single region.
+  model gets no region hint.
+"""
+
+REGIONS_NOTES = """\
+  Several regions print one table each, headed by the region (--json: a list of objects,
+  each with its "region"); --save-mask OUT.png writes OUT.1.png, OUT.2.png, ... --mask joins
+  a single region and cannot go with several; a folder IMAGE takes a single region.
 """
 
 EPILOG = f"""\
 {REGION_EPILOG}{MASK_NOTES}
+{SEVERAL_REGIONS_EPILOG}{REGIONS_NOTES}
 labels:
   Each label is one argument; quote labels that contain spaces:
       --labels "a lung nodule" "a cyst" "normal lung"
@@ -162,9 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-mask",
         metavar="OUT.png|DIR",
-        help="write the predicted mask (PNG, 0/255); for a folder, a directory for the masks",
+        help="write the predicted mask (PNG, 0/255); for several regions OUT.1.png, OUT.2.png, "
+        "...; for a folder, a directory for the masks",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of a table (several regions: a list, one each)",
+    )
     p.add_argument(
         "--embeddings",
         action="store_true",

@@ -10,6 +10,11 @@ image: x = column, y = row, origin at the top-left corner.
     ...                       labels=["a lung nodule", "a cyst"], window=(-600, 1500))
     >>> result.top(1)
 
+Several regions of one image: `client.session(image)` encodes the image once
+(`medp_clip_encode`) and answers each `session.infer(region, labels)` with one call that
+carries the encoded image tokens instead of the image (`medp_clip_prompt`); the answers are
+`infer`'s, within float tolerance. The server keeps no state: the session holds the tokens.
+
 Connections: a client holds one gRPC channel for its lifetime; reuse one client for many calls
 (it is thread-safe) instead of opening one per request, which would pay a TCP (and TLS)
 handshake each time. Deadlines: `timeout_s` bounds a whole call, retries and their waits
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -805,7 +811,8 @@ class _SessionBase:
 class Session(_SessionBase):
     """One image, encoded once (`medp_clip_encode`), asked about any number of regions
     (`medp_clip_prompt`, or `medp_clip_prompt_image` without labels). Made by
-    `MedPClipClient.session`; see there."""
+    `MedPClipClient.session`; see there. Threads may share one session, as they share a
+    client: the tokens are only read once encoded."""
 
     def __init__(
         self,
@@ -816,15 +823,23 @@ class Session(_SessionBase):
     ) -> None:
         super().__init__(image, window, timeout_s)
         self.client = client
+        self._lock = threading.Lock()
 
     def encode(self, *, timeout_s: float | None = UNSET) -> Session:
-        """Encode the image (once; later calls return at once)."""
-        if self.tokens is None:
-            model, inputs, outputs = self._encode_request()
-            response = self.client._call(
-                "infer", model.name, inputs, outputs=outputs, timeout_s=self._timeout(timeout_s)
-            )
-            self._encoded(model, response)
+        """Encode the image (once: later calls, and concurrent first ones, use that encode)."""
+        if self.tokens is not None:
+            return self
+        with self._lock:
+            if self.tokens is None:
+                model, inputs, outputs = self._encode_request()
+                response = self.client._call(
+                    "infer",
+                    model.name,
+                    inputs,
+                    outputs=outputs,
+                    timeout_s=self._timeout(timeout_s),
+                )
+                self._encoded(model, response)
         return self
 
     def infer(

@@ -29,6 +29,7 @@ from ..arguments import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     REGION_EPILOG,
+    SEVERAL_REGIONS_EPILOG,
     WINDOW_EPILOG,
     RegionSpec,
     UsageError,
@@ -68,8 +69,13 @@ REGION_NOTES = """\
   one the whole image is scored and the SR's region is the image outline). Give one kind of
   the three (each may repeat: several --box or --region are several regions). Each region
   is drawn in the SR from its points or its box, not both, and from foreground points only
-  (LABEL 1). Several regions: one SR with one measurement group per region, in order (one
-  SEG with one segment per region), stored together or not at all.
+  (LABEL 1).
+"""
+
+REGIONS_NOTES = """\
+  Several regions of an instance make ONE SR with one measurement group per region, in order
+  ("MedP-CLIP finding 1", "2", ...), and with --mask-out one SEG with one segment per region;
+  they are stored in one STOW-RS request, all or nothing.
 """
 
 QUERY_EXIT_NOTES = """\
@@ -78,6 +84,7 @@ if any instance was refused in this run."""
 
 EPILOG = f"""\
 {REGION_EPILOG}{REGION_NOTES}
+{SEVERAL_REGIONS_EPILOG}{REGIONS_NOTES}
 labels:
   --labels "a nodule" "a cyst" (one argument each) or --labels-file F (one per line, # comments).
   The best-scoring label is the finding; it is coded in the private scheme 99MEDPCLIP and its
