@@ -3,7 +3,7 @@
 Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `medpclip-pacs`
 (or ``python -m medpclip_client.pacs``); library use::
 
-    from medpclip_client.pacs import Bridge, DicomWeb, InstanceRef, Request
+    from medpclip_client.pacs import Bridge, DicomWeb, InstanceRef, RegionPrompt, Request
 
     with Bridge(DicomWeb("http://127.0.0.1:8042/dicom-web"), "127.0.0.1:8001") as bridge:
         outcome = bridge.process(
@@ -11,6 +11,10 @@ Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `me
             Request(labels=("a nodule", "a cyst"), points=((62, 70),), mask_out=True),
         )
         print(outcome.finding.label, outcome.finding.probability, outcome.sr_uid)
+
+Several regions of an instance (encoded once; one SR with a measurement group per region)::
+
+    Request(labels=..., regions=(RegionPrompt(points=((62, 70),)), RegionPrompt(box=(1, 2, 6, 8))))
 """
 
 from .bridge import (
