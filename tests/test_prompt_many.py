@@ -271,3 +271,41 @@ def test_prepare_prompt_checks_before_mapping(model):
     ):
         with pytest.raises(InputError):
             prepare_prompt(bad_tokens, bad_transform, dims.S, dims.M, (dims.Q, dims.W))
+
+
+def test_bad_and_good_calls_in_flight_together(grpc, encoded, image):
+    """Bad encodes and prompts among good ones, concurrently: each bad one INVALID_ARGUMENT,
+    each good one its answer, and nothing wedges."""
+    want = _infer(grpc, "medp_clip_prompt_image", **encoded, **PROMPTS["box"])
+    nan_tokens = np.full_like(encoded["IMAGE_TOKENS"], np.nan)
+    calls = [
+        ("medp_clip_prompt_image", {**encoded, **PROMPTS["box"]}, None),
+        ("medp_clip_prompt_image", {"IMAGE_TOKENS": nan_tokens, "TRANSFORM": encoded["TRANSFORM"]},
+         "IMAGE_TOKENS contains NaN"),
+        ("medp_clip_prompt", {"IMAGE_TOKENS": encoded["IMAGE_TOKENS"],
+                              "TRANSFORM": _base_transform(), "LABELS": WIRE_LABELS},
+         "TRANSFORM does not belong to this model"),
+        ("medp_clip_encode", {"IMAGE": np.array([b""], dtype=object)}, "IMAGE is empty"),
+        ("medp_clip_encode", {"IMAGE": image_bytes(image)}, None),
+    ] * 6  # fmt: skip
+
+    def one(call):
+        name, arrays, message = call
+        try:
+            return name, _infer(grpc, name, **arrays), message
+        except InferenceServerException as exc:
+            return name, exc, message
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, calls))
+    for name, got, message in results:
+        if message is None:
+            assert isinstance(got, dict), (name, got)
+            if name == "medp_clip_encode":
+                np.testing.assert_array_equal(got["TRANSFORM"], encoded["TRANSFORM"])
+                assert np.abs(got["IMAGE_TOKENS"] - encoded["IMAGE_TOKENS"]).max() <= ATOL
+            else:
+                _compare(got, want)
+        else:
+            assert isinstance(got, InferenceServerException), (name, message)
+            assert got.status() == "StatusCode.INVALID_ARGUMENT" and message in got.message()
