@@ -11,14 +11,25 @@ import re
 import pytest
 
 from medpclip_client import arguments, cli
-from medpclip_client.arguments import EXIT_CODES, join_negative
+from medpclip_client.arguments import EXIT_CODES, RegionSpec, join_negative
 from medpclip_client.client import MedPClipError
 from medpclip_client.pacs import cli as pacs_cli
 from medpclip_client.pacs.bridge import Bridge
 from medpclip_client.pacs.dicomweb import DicomWeb, ErrorKind, PacsError
 from medpclip_core.dicom import WINDOW_PRESETS
 
-SHARED = ("point", "box", "window", "url", "timeout", "retries", "tls", "header", "api_key_file")
+SHARED = (
+    "point",
+    "boxes",
+    "regions",
+    "window",
+    "url",
+    "timeout",
+    "retries",
+    "tls",
+    "header",
+    "api_key_file",
+)
 PACS_BASE = ["query", "--dicomweb", "http://127.0.0.1:1/dicom-web", "--state", "s.jsonl"]
 
 
@@ -51,11 +62,18 @@ ACCEPTED = [
     (["--window", "-600 1500"], "window", (-600.0, 1500.0)),
     (["--window", "40, 400"], "window", (40.0, 400.0)),
     (["--window", "mediastinum"], "window", (40.0, 400.0)),
-    (["--box", "1,2,3,4"], "box", (1.0, 2.0, 3.0, 4.0)),
-    (["--box", "1 2 3 4"], "box", (1.0, 2.0, 3.0, 4.0)),
-    (["--box", "1, 2, 3, 4"], "box", (1.0, 2.0, 3.0, 4.0)),
-    (["--box", "-1,-2,3.5,4"], "box", (-1.0, -2.0, 3.5, 4.0)),
-    (["--box=0.5,1,3,4"], "box", (0.5, 1.0, 3.0, 4.0)),
+    (["--box", "1,2,3,4"], "boxes", [(1.0, 2.0, 3.0, 4.0)]),
+    (["--box", "1 2 3 4"], "boxes", [(1.0, 2.0, 3.0, 4.0)]),
+    (["--box", "1, 2, 3, 4"], "boxes", [(1.0, 2.0, 3.0, 4.0)]),
+    (["--box", "-1,-2,3.5,4"], "boxes", [(-1.0, -2.0, 3.5, 4.0)]),
+    (["--box=0.5,1,3,4"], "boxes", [(0.5, 1.0, 3.0, 4.0)]),
+    (["--box", "1,2,3,4", "--box", "5,6,7,8"], "boxes", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+    (["--region", "box=1,2,3,4"], "regions", [RegionSpec(box=(1, 2, 3, 4))]),
+    (
+        ["--region", "point=10,20 point=30,40,0", "--region", "point=-1,2"],
+        "regions",
+        [RegionSpec(((10, 20, 1), (30, 40, 0))), RegionSpec(((-1, 2, 1),))],
+    ),
     (["--point", "62,70"], "point", [(62.0, 70.0, 1)]),
     (["--point", "62 70"], "point", [(62.0, 70.0, 1)]),
     (["--point", "62,70,1"], "point", [(62.0, 70.0, 1)]),
@@ -81,11 +99,12 @@ def test_both_commands_parse_the_same_values(argv, name, value):
 def test_defaults_agree():
     assert _shared(_client_args([])) == _shared(_pacs_args([]))
     args = _client_args([])
-    assert (args.url, args.timeout, args.point, args.box, args.window) == (
+    assert (args.url, args.timeout, args.point, args.boxes, args.regions, args.window) == (
         "127.0.0.1:8001",
         60.0,
         [],
-        None,
+        [],
+        [],
         None,
     )
 
@@ -120,6 +139,15 @@ REJECTED = [
     (["--retries", "2.5"], "must be an integer >= 0, got '2.5'"),
     (["--header", "no-value"], "argument --header: expected KEY=VALUE"),
     (["--box"], "argument --box: expected one argument"),
+    (["--region", ""], 'argument --region: expected "ITEM ITEM ..." with ITEM point=X,Y[,LABEL]'),
+    (["--region", "10,20"], 'argument --region: expected "ITEM ITEM ..."'),
+    (["--region", "mask=m.png"], "argument --region: unknown item 'mask': expected"),
+    (["--region", "point=1"], "argument --region: point: expected X,Y or X,Y,LABEL"),
+    (["--region", "point=1,2,7"], "argument --region: point: expected X,Y or X,Y,LABEL"),
+    (["--region", "box=3,2,1,4"], "argument --region: box: expected X0 < X1 and Y0 < Y1"),
+    (["--region", "box=1,2,3,4 box=1,2,5,6"], "argument --region: a region has at most one box"),
+    (["--region", "point=nan,1"], "argument --region: point: expected finite numbers"),
+    (["--region"], "argument --region: expected one argument"),
 ]
 
 
@@ -171,10 +199,69 @@ def test_what_only_the_pacs_bridge_cannot_express_is_a_usage_error(capsys):
     assert "foreground points only" in _error(capsys)
     assert pacs_cli.main([*PACS_BASE, "--labels", "a", "--point", "1,2", "--box", "0,0,5,5"]) == 2
     assert "not allowed with argument --point" in _error(capsys)
+    # the same for a --region, which may also not mix points and a box
+    assert pacs_cli.main([*PACS_BASE, "--labels", "a", "--region", "point=1,2,0"]) == 2
+    assert "argument --region: medpclip-pacs takes foreground points only" in _error(capsys)
+    assert pacs_cli.main([*PACS_BASE, "--labels", "a", "--region", "box=0,0,5,5 point=1,2"]) == 2
+    assert "from its points or from its box, not both" in _error(capsys)
+    assert (
+        pacs_cli.main([*PACS_BASE, "--labels", "a", "--region", "box=0,0,5,5", "--box", "0,0,5,5"])
+        == 2
+    )
+    assert "not allowed with argument --region" in _error(capsys)
     # `run` needs a region prompt
     run = ["run", "--dicomweb", "http://x", "--study", "1", "--series", "1.2", "--instance", "1.3"]
     assert pacs_cli.main([*run, "--labels", "a"]) == 2
-    assert "one of the arguments --point --box is required" in _error(capsys)
+    assert "one of the arguments --point --box --region is required" in _error(capsys)
+
+
+def test_regions_from_args():
+    def regions(argv):
+        return arguments.regions_from_args(_client_args(argv))
+
+    assert regions([]) == []
+    # repeated --point: ONE region (with the one --box, if given)
+    assert regions(["--point", "1,2", "--point", "3,4,0", "--box", "0,0,9,9"]) == [
+        RegionSpec(((1, 2, 1), (3, 4, 0)), (0, 0, 9, 9))
+    ]
+    # several --box: one region each, then each --region, in order
+    assert regions(
+        ["--region", "point=5,6", "--box", "0,0,2,2", "--box", "1,1,3,3", "--region", "box=2,2,4,4"]
+    ) == [
+        RegionSpec(box=(0, 0, 2, 2)),
+        RegionSpec(box=(1, 1, 3, 3)),
+        RegionSpec(((5, 6, 1),)),
+        RegionSpec(box=(2, 2, 4, 4)),
+    ]
+    assert regions(["--point", "1,2", "--region", "box=0,0,5,5"]) == [
+        RegionSpec(((1, 2, 1),)),
+        RegionSpec(box=(0, 0, 5, 5)),
+    ]
+    with pytest.raises(arguments.UsageError, match="which box would the points belong to"):
+        regions(["--point", "1,2", "--box", "0,0,2,2", "--box", "1,1,3,3"])
+    spec = arguments.parse_region(" point=10.5, 20 ; point=30,40,0  box=1,2,3,4 ")
+    assert spec == RegionSpec(((10.5, 20, 1), (30, 40, 0)), (1, 2, 3, 4))
+    assert spec.describe() == "point=10.5,20 point=30,40,0 box=1,2,3,4"
+    assert arguments.parse_region(spec.describe()) == spec
+    region = spec.region()
+    assert region.points == [(10.5, 20), (30, 40)] and region.point_labels == [1, 0]
+    assert region.box == (1, 2, 3, 4)
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 16 points per region"):
+        arguments.parse_region(" ".join(["point=1,1"] * 17))
+
+
+def test_client_region_usage_errors(tmp_path, capsys):
+    image = tmp_path / "image.png"
+    image.write_bytes(b"only read, never sent")
+    (tmp_path / "folder").mkdir()
+    two = ["--box", "0,0,2,2", "--region", "point=1,1"]
+    for argv, message in (
+        ([str(image), "--point", "1,2", "--box", "0,0,2,2", "--box", "1,1,3,3"], "which box"),
+        ([str(image), *two, "--mask", "m.png"], "--mask joins a single region"),
+        ([str(tmp_path / "folder"), *two], "several regions need one IMAGE file, not a folder"),
+    ):
+        assert cli.main(argv) == 2
+        assert message in _error(capsys)
 
 
 def test_join_negative():
@@ -230,6 +317,7 @@ def test_help_describes_the_shared_options_identically(capsys):
         for section in (
             arguments.REGION_TITLE,
             arguments.REGION_EPILOG,
+            arguments.SEVERAL_REGIONS_EPILOG,
             arguments.WINDOW_EPILOG,
             arguments.CONNECTION_EPILOG,
             arguments.exit_codes_help(),

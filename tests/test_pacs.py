@@ -243,6 +243,96 @@ def test_run_box_on_a_real_ct_stores_only_the_sr(archive, triton_url, capsys):
     )
 
 
+def test_run_two_regions_one_encode_one_stow(archive, triton_url, capsys, monkeypatch):
+    """Two regions of one instance: one encode, one STOW-RS with one SR holding a measurement
+    group per region and one SEG holding a segment per region, each matching the plain call."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from medpclip_client.client import Session
+    from medpclip_client.pacs.dicomweb import DicomWeb
+
+    orthanc, uids, slices = archive
+    study, series, instance, data = uids["phantom2"]
+    findings = slices[2].findings
+    x, y = centre_point(findings[0])
+    box = tuple(float(v) for v in findings[-1].box)
+    regions = [Region(points=[(x, y)]), Region(box=box)]
+    with MedPClipClient(triton_url) as client:
+        want = [client.infer(data, r, labels=list(CANONICAL)) for r in regions]
+
+    store, stores = DicomWeb.store, []
+    encode, encodes = Session.encode, []
+
+    def counting_store(self, datasets):
+        stores.append([str(ds.Modality) for ds in datasets])
+        return store(self, datasets)
+
+    def counting_encode(self, **kwargs):
+        encodes.append(self.encoded)
+        return encode(self, **kwargs)
+
+    monkeypatch.setattr(DicomWeb, "store", counting_store)
+    monkeypatch.setattr(Session, "encode", counting_encode)
+    before = orthanc.count_instances()
+    code, out, err = _run(
+        capsys,
+        "run",
+        "--dicomweb",
+        orthanc.dicomweb,
+        *_address(uids, "phantom2"),
+        "--region",
+        f"point={x},{y}",
+        "--region",
+        "box=" + ",".join(str(v) for v in box),
+        "--mask-out",
+        "--triton",
+        triton_url,
+        "--json",
+        "--labels",
+        *CANONICAL,
+    )
+    assert code == 0, err
+    assert stores == [["SR", "SEG"]]  # one STOW-RS for everything
+    assert encodes.count(False) == 1  # the instance was encoded once
+    assert orthanc.count_instances() == before + 2
+    answer = json.loads(out)
+    assert [r["region"]["graphic_type"] for r in answer["regions"]] == ["POINT", "POLYLINE"]
+
+    wado = _wado(orthanc)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(
+        wado.retrieve_instance(study, answer["sr"]["series"], answer["sr"]["instance"])
+    )
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    x0, y0, x1, y1 = box
+    outlines = [[[x, y]], [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+    for i, (group, ref, outline, got) in enumerate(
+        zip(groups, want, outlines, answer["regions"], strict=True), 1
+    ):
+        label, prob, image_prob = ref.top(1)[0]
+        assert got["label"] == label and abs(got["probability"] - prob) <= 1e-4
+        assert group.finding_type.value == label_concept(label).value
+        assert group.tracking_identifier == f"MedP-CLIP finding {i}"
+        values = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert abs(values[codes.DCM.Probability.meaning] - prob) <= 1e-4
+        assert abs(values["Whole-image probability of finding"] - image_prob) <= 1e-4
+        assert abs(values["Predicted mask IoU"] - ref.iou) <= 1e-4
+        np.testing.assert_allclose(group.roi.value, outline)
+        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == instance
+    assert len({g.tracking_uid for g in groups}) == 2
+
+    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    assert [s.SegmentNumber for s in seg_ds.SegmentSequence] == [1, 2]
+    pixels = seg.get_pixels_by_source_instance([instance], segment_numbers=[1, 2])
+    for k, ref in enumerate(want):
+        served = ref.mask.astype(bool)
+        assert served.any()
+        assert np.mean(pixels[0, :, :, k].astype(bool) != served) < 1e-3
+
+
 def test_run_decodes_12_bit_jpeg_like_the_server(archive, triton_url, capsys, monkeypatch):
     """12-bit JPEG Extended, which pydicom's own plugins cannot read: the bridge decodes it with
     the client's shared helper (GDCM), as the server does, so the archive is asked for the
@@ -329,6 +419,41 @@ def test_query_processes_all_ct_phantoms_once_with_bounded_concurrency(
     assert code == 2 and "different request" in err
 
 
+def test_query_with_two_regions_stores_one_sr_per_instance(archive, triton_url, capsys, tmp_path):
+    orthanc, uids, _ = archive
+    phantom_uids = {uids[f"phantom{i}"][2] for i in range(N_PHANTOMS)}
+    state = tmp_path / "state.jsonl"
+    argv = ["query", "--dicomweb", orthanc.dicomweb, "--modality", "CT", "--study-date"]
+    argv += [PHANTOM_DATE, "--state", str(state), "--box", "10,10,40,40", "--box", "50,50,90,90"]
+    argv += ["--triton", triton_url, "--json", "--labels", *CANONICAL]
+    before = orthanc.count_instances()
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert {r["instance"] for r in answer["results"]} == phantom_uids
+    for result in answer["results"]:
+        assert [r["region"]["data"][0] for r in result["regions"]] == [[10, 10], [50, 50]]
+        assert result["seg"] is None
+    assert orthanc.count_instances() == before + N_PHANTOMS  # one SR each
+    lines = [json.loads(line) for line in state.read_text().splitlines()]
+    assert all(len(e["regions"]) == 2 and e["label"] == e["regions"][0]["label"] for e in lines)
+
+
+def test_a_single_region_request_is_what_it_was():
+    from medpclip_client.pacs import Request
+    from medpclip_client.pacs.bridge import RegionPrompt
+
+    one = Request(labels=("a", "b"), points=((1.0, 2.0),), mask_out=True)
+    assert one.fingerprint() == '[["a","b"],[[1.0,2.0]],null,true,null]'  # state files, UIDs
+    assert one.prompts() == (RegionPrompt(points=((1.0, 2.0),)),)
+    regions = (RegionPrompt(box=(0, 0, 5, 5)), RegionPrompt(points=((1, 2),)))
+    two = Request(labels=("a",), regions=regions)
+    assert two.prompts() == regions
+    assert two.fingerprint() != Request(labels=("a",), box=(0, 0, 5, 5)).fingerprint()
+    with pytest.raises(ValueError, match="not both"):
+        Request(labels=("a",), box=(0, 0, 5, 5), regions=regions)
+
+
 def _error_cases():
     # (id, argv builder(orthanc, uids, triton_url), exit code, message part)
     def run(name, *extra, dicomweb=None, triton=None, labels=("a nodule", "a cyst")):
@@ -384,6 +509,13 @@ def _error_cases():
         run("phantom1", "--point", "5000,5000"),
         3,
         ("refused the request"),
+    )
+    # several regions are stored together or not at all: the second one's refusal stores nothing
+    yield (
+        "second-region-invalid",
+        run("phantom1", "--region", "point=40,40", "--region", "box=10,10,5000,5000", "--mask-out"),
+        3,
+        "(region 2: box 10,10,5000,5000)",
     )
 
 

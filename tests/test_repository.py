@@ -29,6 +29,7 @@ ARTIFACTS = {
     *(f"{spec.name}/1/model.onnx" for spec in T.ENCODERS),
     "tokenizer/1/tokenizer.json",
     "preprocess/1/tokenizer.json",
+    "prompt_preprocess/1/tokenizer.json",
     repository.EXPORT_RECORD,
 }
 

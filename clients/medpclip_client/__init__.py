@@ -2,17 +2,19 @@
 
 from medpclip_core.dicom import read_dicom, to_request
 
-from .aio import AsyncMedPClipClient, Outcome
-from .client import MedPClipClient, MedPClipError, Region, Request, Result
+from .aio import AsyncMedPClipClient, AsyncSession, Outcome
+from .client import MedPClipClient, MedPClipError, Region, Request, Result, Session
 
 __all__ = [
     "AsyncMedPClipClient",
+    "AsyncSession",
     "MedPClipClient",
     "MedPClipError",
     "Outcome",
     "Region",
     "Request",
     "Result",
+    "Session",
     "read_dicom",
     "to_request",
 ]

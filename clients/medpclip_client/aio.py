@@ -32,13 +32,14 @@ from .client import (
     Request,
     Result,
     _ClientBase,
+    _SessionBase,
     parse_result,
     parse_text,
     prepare,
     text_inputs,
 )
 
-__all__ = ["AsyncMedPClipClient", "Outcome"]
+__all__ = ["AsyncMedPClipClient", "AsyncSession", "Outcome"]
 
 
 @dataclass
@@ -123,6 +124,18 @@ class AsyncMedPClipClient(_ClientBase):
         )
         return parse_result(model, labels, response)
 
+    def session(
+        self,
+        image: bytes | np.ndarray,
+        window: tuple[float, float] | None = None,
+        *,
+        timeout_s: float | None = UNSET,
+    ) -> AsyncSession:
+        """As `MedPClipClient.session`, used as `async with client.session(image) as s:` and
+        `await s.infer(region, labels)`. Several `s.infer` calls may run concurrently (e.g.
+        `asyncio.gather`); they share the one encode."""
+        return AsyncSession(self, image, window, timeout_s)
+
     async def text_embeddings(
         self, labels: Sequence[str], *, timeout_s: float | None = UNSET
     ) -> np.ndarray:
@@ -178,6 +191,65 @@ class AsyncMedPClipClient(_ClientBase):
             # rather than cancelling them: Triton up to 24.11 (2.52) can crash when a gRPC
             # request is cancelled while it runs (triton-inference-server/server#7368).
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class AsyncSession(_SessionBase):
+    """As `client.Session`, for `AsyncMedPClipClient` (made by its `session`)."""
+
+    def __init__(
+        self,
+        client: AsyncMedPClipClient,
+        image: bytes | np.ndarray,
+        window: tuple[float, float] | None = None,
+        timeout_s: Any = UNSET,
+    ) -> None:
+        super().__init__(image, window, timeout_s)
+        self.client = client
+        self._lock: asyncio.Lock | None = None  # made in the running loop, on first use
+
+    async def encode(self, *, timeout_s: float | None = UNSET) -> AsyncSession:
+        """Encode the image (once: concurrent first calls wait for the one encode)."""
+        if self.tokens is not None:
+            return self
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.tokens is None:
+                model, inputs, outputs = self._encode_request()
+                response = await self.client._call(
+                    "infer",
+                    model.name,
+                    inputs,
+                    outputs=outputs,
+                    timeout_s=self._timeout(timeout_s),
+                )
+                self._encoded(model, response)
+        return self
+
+    async def infer(
+        self,
+        region: Region | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        timeout_s: float | None = UNSET,
+    ) -> Result:
+        """As `Session.infer`."""
+        await self.encode(timeout_s=timeout_s)
+        model, inputs, outputs = self._prompt_request(region, labels)
+        response = await self.client._call(
+            "infer", model.name, inputs, outputs=outputs, timeout_s=self._timeout(timeout_s)
+        )
+        return parse_result(model, labels, response)
+
+    def close(self) -> None:
+        """Drop the tokens (the server holds nothing to release)."""
+        self._close()
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.encode()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
 
 async def _aiter(items: Iterable[Request] | AsyncIterable[Request]) -> AsyncIterator[Request]:

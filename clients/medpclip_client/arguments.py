@@ -4,7 +4,8 @@ region prompt (--point, --box), --window, the inference-server connection (--url
 the help text describing them, so that the two commands cannot drift apart.
 
 Values are parsed here once: a command gets (x, y, label) points, (x0, y0, x1, y1) boxes and a
-(centre, width) window whatever spelling was used on its command line.
+(centre, width) window whatever spelling was used on its command line, and the list of regions
+(`RegionSpec`) that --point, --box and --region describe (`regions_from_args`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from medpclip_core.auth import read_key_file
 from medpclip_core.dicom import WINDOW_PRESETS
 from medpclip_core.tensors import MAX_POINTS
 
-from .client import DEFAULT_URL, RetryPolicy
+from .client import DEFAULT_URL, Region, RetryPolicy
 
 __all__ = [
     "EXIT_CODES",
@@ -34,6 +36,8 @@ __all__ = [
     "EXIT_REJECTED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "SEVERAL_REGIONS_EPILOG",
+    "RegionSpec",
     "UsageError",
     "add_connection_arguments",
     "add_label_arguments",
@@ -44,9 +48,11 @@ __all__ = [
     "parse_box",
     "parse_header",
     "parse_point",
+    "parse_region",
     "parse_window",
     "read_api_key",
     "read_labels_file",
+    "regions_from_args",
 ]
 
 # --- exit codes -------------------------------------------------------------------------------
@@ -139,6 +145,90 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+REGION_SYNTAX = (
+    '"ITEM ITEM ..." with ITEM point=X,Y[,LABEL] (repeatable) or box=X0,Y0,X1,Y1 (at most one)'
+)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One region of a command line: (x, y, label) points and at most one box."""
+
+    points: tuple[tuple[float, float, int], ...] = ()
+    box: tuple[float, float, float, float] | None = None
+
+    def is_empty(self) -> bool:
+        return not self.points and self.box is None
+
+    def region(self) -> Region | None:
+        """The client's `Region` (None for an empty spec: the whole image)."""
+        if self.is_empty():
+            return None
+        return Region(
+            points=[(x, y) for x, y, _ in self.points] or None,
+            point_labels=[lab for _, _, lab in self.points] or None,
+            box=self.box,
+        )
+
+    def describe(self) -> str:
+        """The spec in --region syntax (numbers as given, without trailing .0)."""
+        items = [
+            "point=" + ",".join(f"{v:g}" for v in (x, y)) + ("" if lab == 1 else f",{lab}")
+            for x, y, lab in self.points
+        ]
+        if self.box is not None:
+            items.append("box=" + ",".join(f"{v:g}" for v in self.box))
+        return " ".join(items) or "whole image"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "points": [[x, y, lab] for x, y, lab in self.points],
+            "box": None if self.box is None else list(self.box),
+        }
+
+
+_REGION_ITEM = re.compile(r"([A-Za-z_]+)\s*=")
+
+
+def parse_region(text: str) -> RegionSpec:
+    """One region: 'point=X,Y[,LABEL] ... [box=X0,Y0,X1,Y1]', items separated by spaces (or
+    ';'), e.g. "point=62,70 point=80,75,0" or "box=10,20,60,80 point=30,40"."""
+    body = text.strip()
+    keys = list(_REGION_ITEM.finditer(body))
+    if not body or not keys or keys[0].start() != 0:
+        raise argparse.ArgumentTypeError(f"expected {REGION_SYNTAX}, got {text!r}")
+    points: list[tuple[float, float, int]] = []
+    box = None
+    for i, key in enumerate(keys):
+        end = keys[i + 1].start() if i + 1 < len(keys) else len(body)
+        value = body[key.end() : end].strip().rstrip(";").strip()
+        name = key.group(1).lower()
+        try:
+            if name == "point":
+                points.append(parse_point(value))
+            elif name == "box":
+                if box is not None:
+                    raise argparse.ArgumentTypeError(
+                        f"a region has at most one box (give each box its own --region), "
+                        f"got {text!r}"
+                    )
+                box = parse_box(value)
+            else:
+                raise argparse.ArgumentTypeError(
+                    f"unknown item {key.group(1)!r}: expected {REGION_SYNTAX}, got {text!r}"
+                )
+        except argparse.ArgumentTypeError as exc:
+            message = str(exc)
+            if name in ("point", "box") and not message.startswith("a region"):
+                message = f"{name}: {message}"
+            raise argparse.ArgumentTypeError(message) from None
+    if len(points) > MAX_POINTS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_POINTS} points per region, got {len(points)} in {text!r}"
+        )
+    return RegionSpec(tuple(points), box)
+
+
 def parse_window(text: str) -> tuple[float, float]:
     """'CENTRE,WIDTH' (WIDTH >= 1, as DICOM and the server require) or a preset name
     (`medpclip_core.dicom.WINDOW_PRESETS`, any case)."""
@@ -227,8 +317,15 @@ def join_negative(argv: Sequence[str], options: Iterable[str] = VALUE_OPTIONS) -
 # --- option groups ----------------------------------------------------------------------------
 
 REGION_TITLE = "region prompt (original image pixels, x = column, y = row)"
-POINT_HELP = "a point; LABEL 1 = inside the region (default), 0 = outside; repeatable"
-BOX_HELP = "a box around the region: top-left and bottom-right corner"
+POINT_HELP = (
+    "a point; LABEL 1 = inside the region (default), 0 = outside; repeatable (all --point "
+    "options form one region)"
+)
+BOX_HELP = "a box around the region: top-left and bottom-right corner; repeatable (one region each)"
+REGION_HELP = (
+    'one more region, e.g. "point=62,70 point=80,75,0" or "box=10,20,60,80"; repeatable (see '
+    '"several regions" below)'
+)
 WINDOW_HELP = "display window CENTRE,WIDTH (e.g. -600,1500) or a preset name (lung, bone, ...)"
 
 _PRESETS = textwrap.fill(
@@ -246,6 +343,17 @@ coordinates:
   {MAX_POINTS} points. Numbers are separated by commas (--box 40,50,90,100) or, in one quoted
   argument, by spaces (--box "40 50 90 100"); a negative value may follow its option directly
   (--window -600,1500) or after = (--window=-600,1500).
+"""
+
+SEVERAL_REGIONS_EPILOG = """\
+several regions (the image is sent and encoded once; one answer per region):
+  All --point options form ONE region (with the --box, if there is one). Several --box
+  options are one region each. --region SPEC adds one region: a quoted list of items,
+  point=X,Y[,LABEL] (repeatable) and at most one box=X0,Y0,X1,Y1, separated by spaces, e.g.
+      --region "point=62,70 point=80,75,0" --region "box=10,20,60,80"
+  Answers come in this order: the --point region (or each --box), then each --region.
+  With several regions the image goes to the server once (medp_clip_encode) and each region
+  is one call carrying the encoded image (medp_clip_prompt).
 """
 
 WINDOW_EPILOG = f"""\
@@ -274,8 +382,9 @@ def add_region_arguments(
     exclusive: bool = False,
     required: bool = False,
 ) -> argparse._ArgumentGroup:
-    """--point and --box in the "region prompt" group (returned, for command-specific prompt
-    options). `exclusive`: at most one of them (`required`: exactly one)."""
+    """--point, --box and --region in the "region prompt" group (returned, for command-specific
+    prompt options). `exclusive`: at most one of the three options (each may repeat);
+    `required`: at least one. Turn them into regions with `regions_from_args`."""
     group = parser.add_argument_group(REGION_TITLE)
     target: Any = (
         group.add_mutually_exclusive_group(required=required) if exclusive or required else group
@@ -288,8 +397,44 @@ def add_region_arguments(
         default=[],
         help=POINT_HELP,
     )
-    target.add_argument("--box", metavar="X0,Y0,X1,Y1", type=parse_box, help=BOX_HELP)
+    target.add_argument(
+        "--box",
+        metavar="X0,Y0,X1,Y1",
+        dest="boxes",
+        type=parse_box,
+        action="append",
+        default=[],
+        help=BOX_HELP,
+    )
+    target.add_argument(
+        "--region",
+        metavar="SPEC",
+        dest="regions",
+        type=parse_region,
+        action="append",
+        default=[],
+        help=REGION_HELP,
+    )
     return group
+
+
+def regions_from_args(args: argparse.Namespace) -> list[RegionSpec]:
+    """The regions of --point, --box and --region, in answer order (see REGION_EPILOG): the
+    --point region (with a single --box) or one per --box, then each --region. Empty: no
+    region prompt. UsageError for points beside several boxes (which box would they join?)."""
+    points = tuple(args.point)
+    boxes = list(args.boxes)
+    if points and len(boxes) > 1:
+        raise UsageError(
+            "--point with several --box: which box would the points belong to? give each "
+            'region as --region, e.g. --region "box=10,20,60,80 point=30,40"'
+        )
+    regions: list[RegionSpec] = []
+    if len(boxes) > 1:
+        regions += [RegionSpec(box=b) for b in boxes]
+    elif points or boxes:
+        regions.append(RegionSpec(points, boxes[0] if boxes else None))
+    return regions + list(args.regions)
 
 
 def add_window_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

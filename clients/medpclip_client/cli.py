@@ -28,7 +28,9 @@ from .arguments import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     REGION_EPILOG,
+    SEVERAL_REGIONS_EPILOG,
     WINDOW_EPILOG,
+    RegionSpec,
     UsageError,
     add_connection_arguments,
     add_label_arguments,
@@ -43,6 +45,7 @@ from .arguments import (
     parse_point,  # noqa: F401
     parse_window,  # noqa: F401
     read_labels_file,
+    regions_from_args,
 )
 from .client import (
     STATUS_RETRYABLE,
@@ -65,7 +68,11 @@ image, the predicted region mask's IoU estimate and area.
 IMAGE may also be a folder: every PNG, JPEG and DICOM file in it (DICOM recognised by its
 extension .dcm/.dicom or by its content, for files named by UIDs) is sent, --concurrency at a
 time, with the same prompt and labels, and one JSON object per file is printed per line as the
-answers arrive (JSON lines), with a progress bar on stderr when it is a terminal."""
+answers arrive (JSON lines), with a progress bar on stderr when it is a terminal.
+
+Several regions of one image (several --box, or --region) are answered with one upload and
+one encoding of the image: one table (or, with --json, one JSON object in a list) per region,
+in order."""
 
 FOLDER_EXIT_NOTES = """\
 folder: 0 only if every file succeeded; else 1 if a file failed for another reason, else 3 if
@@ -78,8 +85,15 @@ MASK_NOTES = """\
   model gets no region hint.
 """
 
+REGIONS_NOTES = """\
+  Several regions print one table each, headed by the region (--json: a list of objects,
+  each with its "region"); --save-mask OUT.png writes OUT.1.png, OUT.2.png, ... --mask joins
+  a single region and cannot go with several; a folder IMAGE takes a single region.
+"""
+
 EPILOG = f"""\
 {REGION_EPILOG}{MASK_NOTES}
+{SEVERAL_REGIONS_EPILOG}{REGIONS_NOTES}
 labels:
   Each label is one argument; quote labels that contain spaces:
       --labels "a lung nodule" "a cyst" "normal lung"
@@ -154,9 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-mask",
         metavar="OUT.png|DIR",
-        help="write the predicted mask (PNG, 0/255); for a folder, a directory for the masks",
+        help="write the predicted mask (PNG, 0/255); for several regions OUT.1.png, OUT.2.png, "
+        "...; for a folder, a directory for the masks",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of a table (several regions: a list, one each)",
+    )
     p.add_argument(
         "--embeddings",
         action="store_true",
@@ -166,20 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def region_from_args(args: argparse.Namespace) -> Region | None:
-    """The Region the options describe, or None without any prompt option."""
-    mask = None
+    """The one Region the options describe (with --mask), or None without any prompt option;
+    UsageError when they describe several (see `regions_from_args`)."""
+    regions = regions_from_args(args)
+    if len(regions) > 1:
+        raise UsageError(f"the options describe {len(regions)} regions; expected one")
+    region = (regions[0].region() if regions else None) or Region()
     if args.mask:
         try:
-            mask = load_mask(args.mask)
+            region.mask = load_mask(args.mask)
         except InputError as exc:
             raise UsageError(f"--mask: {exc}") from None
-    region = Region(
-        points=[(x, y) for x, y, _ in args.point] or None,
-        point_labels=[lab for _, _, lab in args.point] or None,
-        box=args.box,
-        mask=mask,
-    )
     return None if region.is_empty() else region
+
+
+def _regions(args: argparse.Namespace, folder: bool) -> list[RegionSpec]:
+    """The regions of the options when there are several (else [] and `region_from_args`
+    gives the one region); UsageError for what cannot go with several regions."""
+    regions = regions_from_args(args)
+    if len(regions) < 2:
+        return []
+    if args.mask:
+        raise UsageError(
+            "--mask joins a single region; with several regions give the mask's region alone"
+        )
+    if folder:
+        raise UsageError("several regions need one IMAGE file, not a folder")
+    return regions
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -213,6 +245,29 @@ def format_text(result: Result, top: int | None, saved: str | None) -> str:
     if saved:
         lines.append(f"mask saved to    {saved}")
     return "\n".join(lines)
+
+
+def mask_path(template: str, index: int) -> str:
+    """Where --save-mask OUT.png puts region `index`'s mask (1-based): OUT.<index>.png."""
+    path = Path(template)
+    return str(path.with_name(f"{path.stem}.{index}{path.suffix or '.png'}"))
+
+
+def format_regions(
+    specs: Sequence[RegionSpec],
+    results: Sequence[Result],
+    top: int | None,
+    saved: Sequence[str | None],
+    tokens_nbytes: int = 0,
+) -> str:
+    """One block per region (`format_text`), headed by the region, in order."""
+    blocks = [
+        f"region {i}: {spec.describe()}\n{format_text(result, top, path)}"
+        for i, (spec, result, path) in enumerate(zip(specs, results, saved, strict=True), 1)
+    ]
+    kib = f"; {tokens_nbytes / 1024:.0f} KiB of image tokens per region" if tokens_nbytes else ""
+    blocks.append(f"(image encoded once for {len(specs)} regions{kib})")
+    return "\n\n".join(blocks)
 
 
 def to_json(
@@ -283,7 +338,8 @@ def _main(argv: Sequence[str] | None) -> int:
         folder = Path(args.image).is_dir()
         image = None if folder else Path(args.image).read_bytes()
         labels = read_labels_file(args.labels_file) if args.labels_file else args.labels
-        region = region_from_args(args)
+        regions = _regions(args, folder)
+        region = None if regions else region_from_args(args)
         options = client_options(args)
     except OSError as exc:
         parser.print_usage(sys.stderr)
@@ -304,7 +360,12 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         pixels_or_bytes, window = image_input(image, args)
         with MedPClipClient(**options) as client:
-            result = client.infer(pixels_or_bytes, region, labels or None, window)
+            if regions:
+                results, tokens_nbytes = infer_regions(
+                    client, pixels_or_bytes, window, regions, labels or None
+                )
+            else:
+                result = client.infer(pixels_or_bytes, region, labels or None, window)
     except MedPClipError as exc:
         if exc.invalid_input:
             _err(f"input rejected by the server: {exc.message}")
@@ -326,6 +387,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _err(f"error: {type(exc).__name__}: {exc}")
         return EXIT_ERROR
 
+    if regions:
+        return _print_regions(args, regions, results, tokens_nbytes)
     saved = None
     if args.save_mask:
         try:
@@ -339,6 +402,54 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         text = format_text(result, args.top, saved)
     return _print(text)
+
+
+def infer_regions(
+    client: MedPClipClient,
+    image: bytes | Any,
+    window: tuple[float, float] | None,
+    regions: Sequence[RegionSpec],
+    labels: Sequence[str] | None,
+) -> tuple[list[Result], int]:
+    """Every region of one image with one encode (`MedPClipClient.session`): the results in
+    order and the image tokens' size. A failed region raises, its message naming it."""
+    results = []
+    with client.session(image, window) as session:
+        for i, spec in enumerate(regions, 1):
+            try:
+                results.append(session.infer(spec.region(), labels))
+            except (MedPClipError, InputError) as exc:
+                message = getattr(exc, "message", None) or str(exc)
+                message = f"region {i} ({spec.describe()}): {message}"
+                if isinstance(exc, MedPClipError):
+                    raise MedPClipError(message, exc.status, exc.attempts) from None
+                raise InputError(message) from None
+        return results, session.tokens_nbytes
+
+
+def _print_regions(
+    args: argparse.Namespace,
+    regions: Sequence[RegionSpec],
+    results: Sequence[Result],
+    tokens_nbytes: int,
+) -> int:
+    saved: list[str | None] = []
+    for i, result in enumerate(results, 1):
+        path = mask_path(args.save_mask, i) if args.save_mask else None
+        if path is not None:
+            try:
+                save_mask(result.mask, path)
+            except (OSError, ValueError) as exc:
+                _err(f"error: cannot save the mask of region {i}: {exc}")
+                return EXIT_ERROR
+        saved.append(path)
+    if args.json or args.embeddings:
+        docs = [
+            {"region": spec.to_json(), **to_json(result, args.top, path, args.embeddings)}
+            for spec, result, path in zip(regions, results, saved, strict=True)
+        ]
+        return _print(json.dumps(docs))
+    return _print(format_regions(regions, results, args.top, saved, tokens_nbytes))
 
 
 def _print(text: str) -> int:

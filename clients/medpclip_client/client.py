@@ -10,6 +10,11 @@ image: x = column, y = row, origin at the top-left corner.
     ...                       labels=["a lung nodule", "a cyst"], window=(-600, 1500))
     >>> result.top(1)
 
+Several regions of one image: `client.session(image)` encodes the image once
+(`medp_clip_encode`) and answers each `session.infer(region, labels)` with one call that
+carries the encoded image tokens instead of the image (`medp_clip_prompt`); the answers are
+`infer`'s, within float tolerance. The server keeps no state: the session holds the tokens.
+
 Connections: a client holds one gRPC channel for its lifetime; reuse one client for many calls
 (it is thread-safe) instead of opening one per request, which would pay a TCP (and TLS)
 handshake each time. Deadlines: `timeout_s` bounds a whole call, retries and their waits
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +44,16 @@ from PIL import Image
 
 from medpclip_core.auth import AUTH_HEADER, read_key_file  # noqa: F401 (read_key_file: API)
 from medpclip_core.errors import InputError
-from medpclip_core.tensors import MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT, ModelSpec, Tensor
+from medpclip_core.tensors import (
+    MEDP_CLIP,
+    MEDP_CLIP_ENCODE,
+    MEDP_CLIP_IMAGE,
+    MEDP_CLIP_PROMPT,
+    MEDP_CLIP_PROMPT_IMAGE,
+    MEDP_CLIP_TEXT,
+    ModelSpec,
+    Tensor,
+)
 
 __all__ = [
     "InputError",
@@ -48,6 +63,7 @@ __all__ = [
     "Request",
     "Result",
     "RetryPolicy",
+    "Session",
     "build_inputs",
     "build_outputs",
     "load_mask",
@@ -97,6 +113,15 @@ _OUT = {
     )
 }
 _TEXT_IN = _declared(MEDP_CLIP_TEXT.inputs, "LABELS", MEDP_CLIP_TEXT.name)
+# "Encode once, prompt many": the encode ensemble answers the image tokens and the letterbox
+# transform; the prompt ensembles take them back (the server keeps nothing between calls) with
+# a region prompt, `medp_clip_prompt` answering as `medp_clip` and `medp_clip_prompt_image` as
+# `medp_clip_image`. The tokens' dtype is the declaration's (and the response's), never fixed.
+TOKENS, TRANSFORM = "IMAGE_TOKENS", "TRANSFORM"
+for _name in (TOKENS, TRANSFORM):  # checked at import, as the roles above
+    _declared(MEDP_CLIP_ENCODE.outputs, _name, MEDP_CLIP_ENCODE.name)
+    _declared(MEDP_CLIP_PROMPT.inputs, _name, MEDP_CLIP_PROMPT.name)
+    _declared(MEDP_CLIP_PROMPT_IMAGE.inputs, _name, MEDP_CLIP_PROMPT_IMAGE.name)
 _TEXT_OUT = _declared(MEDP_CLIP_TEXT.outputs, "TEXT_EMBEDDINGS", MEDP_CLIP_TEXT.name)
 _ENSEMBLES = (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
 
@@ -209,7 +234,7 @@ class Result:
 
 def _array(model: ModelSpec, tensor: Tensor, value: object) -> np.ndarray:
     """`value` as a numpy array of the tensor's declared dtype, rank and fixed dims."""
-    if tensor not in model.inputs:
+    if all(t.name != tensor.name for t in model.inputs):
         raise RuntimeError(f"model {model.name} declares no input {tensor.name}")
     if tensor.dtype == "object":
         a = np.empty(len(value), dtype=np.object_)  # type: ignore[arg-type]
@@ -235,20 +260,32 @@ def _points(points: Sequence[Sequence[float]]) -> np.ndarray:
 
 def request_arrays(
     model: ModelSpec,
-    image: bytes | bytearray | memoryview | np.ndarray,
+    image: bytes | bytearray | memoryview | np.ndarray | None,
     region: Region | None = None,
     labels: Sequence[str] | None = None,
     window: tuple[float, float] | None = None,
+    *,
+    tokens: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, tuple[Tensor, np.ndarray]]:
     """The request's tensors as {name: (declared tensor, array)}; optional inputs that are not
-    used are left out. Checks only what is needed to build well-formed tensors; the server
-    validates the content (sizes, coordinates, limits) and answers INVALID_ARGUMENT."""
+    used are left out. Each tensor is `model`'s own declaration (name, dtype, rank). The image
+    is `image` (bytes or pixels, with `window`) or, for the prompt ensembles, `tokens`: the
+    (IMAGE_TOKENS, TRANSFORM) an encode call answered. Checks only what is needed to build
+    well-formed tensors; the server validates the content (sizes, coordinates, limits) and
+    answers INVALID_ARGUMENT."""
     out: dict[str, tuple[Tensor, np.ndarray]] = {}
 
-    def put(tensor: Tensor, value: object) -> None:
-        out[tensor.name] = (tensor, _array(model, tensor, value))
+    def put(role: Tensor | str, value: object) -> None:
+        name = role if isinstance(role, str) else role.name
+        tensor = _declared(model.inputs, name, model.name)
+        out[name] = (tensor, _array(model, tensor, value))
 
-    if isinstance(image, (bytes, bytearray, memoryview)):
+    if tokens is not None:
+        if image is not None or window is not None:
+            raise TypeError("give the image (and window) or the encoded tokens, not both")
+        put(TOKENS, tokens[0])
+        put(TRANSFORM, tokens[1])
+    elif isinstance(image, (bytes, bytearray, memoryview)):
         put(_IN["IMAGE"], [bytes(image)])
     elif isinstance(image, np.ndarray):
         pixels = image[..., None] if image.ndim == 2 else image
@@ -286,16 +323,19 @@ def request_arrays(
 
 def build_inputs(
     model: ModelSpec,
-    image: bytes | bytearray | memoryview | np.ndarray,
+    image: bytes | bytearray | memoryview | np.ndarray | None,
     region: Region | None = None,
     labels: Sequence[str] | None = None,
     window: tuple[float, float] | None = None,
+    *,
+    tokens: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list:
-    """`tritonclient.grpc.InferInput`s for `model` (one of the image ensembles)."""
+    """`tritonclient.grpc.InferInput`s for `model` (one of the image or prompt ensembles)."""
     from tritonclient.grpc import InferInput
 
     inputs = []
-    for tensor, array in request_arrays(model, image, region, labels, window).values():
+    arrays = request_arrays(model, image, region, labels, window, tokens=tokens)
+    for tensor, array in arrays.values():
         inp = InferInput(tensor.name, list(array.shape), tensor.wire_type)
         inp.set_data_from_numpy(array)
         inputs.append(inp)
@@ -322,6 +362,49 @@ def prepare(request: Request) -> tuple[ModelSpec, list, list]:
     model = model_for(request.labels)
     try:
         inputs = build_inputs(model, request.image, request.region, request.labels, request.window)
+    except InferenceServerException as exc:
+        raise _wrap(exc) from None
+    return model, inputs, build_outputs(model)
+
+
+def prepare_encode(
+    image: bytes | np.ndarray, window: tuple[float, float] | None
+) -> tuple[ModelSpec, list, list]:
+    """(model, InferInputs, InferRequestedOutputs) of a session's encode call."""
+    from tritonclient.utils import InferenceServerException
+
+    model = MEDP_CLIP_ENCODE
+    try:
+        inputs = build_inputs(model, image, window=window)
+    except InferenceServerException as exc:
+        raise _wrap(exc) from None
+    return model, inputs, build_outputs(model)
+
+
+def parse_encode(model: ModelSpec, response: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(IMAGE_TOKENS, TRANSFORM) of an encode `InferResult`, in the dtypes the server sent."""
+    out = []
+    for name in (TOKENS, TRANSFORM):
+        _declared(model.outputs, name, model.name)
+        a = response.as_numpy(name)
+        if a is None:
+            raise MedPClipError(f"response lacks output {name}")
+        out.append(np.ascontiguousarray(a))
+    return out[0], out[1]
+
+
+def prepare_prompt(
+    tokens: tuple[np.ndarray, np.ndarray],
+    region: Region | None,
+    labels: Sequence[str] | None,
+) -> tuple[ModelSpec, list, list]:
+    """(model, InferInputs, InferRequestedOutputs) of one prompt of a session:
+    `medp_clip_prompt` with labels, else `medp_clip_prompt_image`."""
+    from tritonclient.utils import InferenceServerException
+
+    model = MEDP_CLIP_PROMPT if labels else MEDP_CLIP_PROMPT_IMAGE
+    try:
+        inputs = build_inputs(model, None, region, labels, tokens=tokens)
     except InferenceServerException as exc:
         raise _wrap(exc) from None
     return model, inputs, build_outputs(model)
@@ -630,6 +713,30 @@ class MedPClipClient(_ClientBase):
         response = self._call("infer", model.name, inputs, outputs=outputs, timeout_s=timeout_s)
         return parse_result(model, labels, response)
 
+    def session(
+        self,
+        image: bytes | np.ndarray,
+        window: tuple[float, float] | None = None,
+        *,
+        timeout_s: float | None = UNSET,
+    ) -> Session:
+        """Encode `image` once and ask about many regions of it:
+
+            with client.session(dicom_bytes) as s:          # one encode call, here
+                a = s.infer(Region(points=[(62, 70)]), labels)
+                b = s.infer(Region(box=(10, 20, 60, 80)), labels)
+
+        `image` and `window` as for `infer`. Each `s.infer(region, labels)` returns what
+        `client.infer(image, region, labels, window)` returns (within float tolerance), with
+        one call that carries the image tokens (`s.tokens_nbytes`) instead of the image, and
+        skips decoding and the prompt-independent blocks of the image encoder. The server keeps
+        nothing between calls: the session holds the tokens, and calls go through this client
+        (its retries, deadline, headers, TLS; `timeout_s` overrides the deadline for the
+        session's calls). Entering the `with` block encodes, so a bad image fails there;
+        without `with`, the first `infer` (or `encode()`) does.
+        """
+        return Session(self, image, window, timeout_s)
+
     def text_embeddings(
         self, labels: Sequence[str], *, timeout_s: float | None = UNSET
     ) -> np.ndarray:
@@ -637,6 +744,129 @@ class MedPClipClient(_ClientBase):
         inputs = text_inputs(labels)
         response = self._call("infer", MEDP_CLIP_TEXT.name, inputs, timeout_s=timeout_s)
         return parse_text(response)
+
+
+# --- encode once, prompt many -----------------------------------------------------------------
+
+
+class _SessionBase:
+    """What the sync and asyncio sessions share: the image, the encoded tokens and how to
+    build and read their calls (`prepare_encode`, `prepare_prompt`, `parse_result`)."""
+
+    def __init__(
+        self,
+        image: bytes | bytearray | memoryview | np.ndarray,
+        window: tuple[float, float] | None = None,
+        timeout_s: Any = UNSET,
+    ) -> None:
+        if not isinstance(image, (bytes, bytearray, memoryview, np.ndarray)):
+            raise TypeError(f"image must be bytes or a numpy array, not {type(image).__name__}")
+        self.image: bytes | np.ndarray | None = (
+            image if isinstance(image, np.ndarray) else bytes(image)
+        )
+        self.window = window
+        self.timeout_s = timeout_s
+        self.tokens: tuple[np.ndarray, np.ndarray] | None = None
+        self.encodes = 0  # encode calls made (1 once encoded)
+
+    @property
+    def encoded(self) -> bool:
+        return self.tokens is not None
+
+    @property
+    def tokens_nbytes(self) -> int:
+        """Bytes of IMAGE_TOKENS and TRANSFORM that each prompt call uploads (the tensor
+        payload; the image itself is uploaded once, by the encode call). 0 before encoding."""
+        return 0 if self.tokens is None else int(sum(a.nbytes for a in self.tokens))
+
+    @property
+    def tokens_dtype(self) -> np.dtype | None:
+        """The dtype of the image tokens as the server sent them (float16 or float32)."""
+        return None if self.tokens is None else self.tokens[0].dtype
+
+    def _encode_request(self) -> tuple[ModelSpec, list, list]:
+        if self.image is None:
+            raise RuntimeError("the session is closed")
+        return prepare_encode(self.image, self.window)
+
+    def _encoded(self, model: ModelSpec, response: Any) -> None:
+        self.tokens = parse_encode(model, response)
+        self.encodes += 1
+        self.image = None  # the tokens replace it: no need to keep the upload in memory
+
+    def _prompt_request(
+        self, region: Region | None, labels: Sequence[str] | None
+    ) -> tuple[ModelSpec, list, list]:
+        assert self.tokens is not None
+        return prepare_prompt(self.tokens, region, labels)
+
+    def _timeout(self, timeout_s: Any) -> Any:
+        return self.timeout_s if timeout_s is UNSET else timeout_s
+
+    def _close(self) -> None:
+        self.tokens = None
+        self.image = None
+
+
+class Session(_SessionBase):
+    """One image, encoded once (`medp_clip_encode`), asked about any number of regions
+    (`medp_clip_prompt`, or `medp_clip_prompt_image` without labels). Made by
+    `MedPClipClient.session`; see there. Threads may share one session, as they share a
+    client: the tokens are only read once encoded."""
+
+    def __init__(
+        self,
+        client: MedPClipClient,
+        image: bytes | np.ndarray,
+        window: tuple[float, float] | None = None,
+        timeout_s: Any = UNSET,
+    ) -> None:
+        super().__init__(image, window, timeout_s)
+        self.client = client
+        self._lock = threading.Lock()
+
+    def encode(self, *, timeout_s: float | None = UNSET) -> Session:
+        """Encode the image (once: later calls, and concurrent first ones, use that encode)."""
+        if self.tokens is not None:
+            return self
+        with self._lock:
+            if self.tokens is None:
+                model, inputs, outputs = self._encode_request()
+                response = self.client._call(
+                    "infer",
+                    model.name,
+                    inputs,
+                    outputs=outputs,
+                    timeout_s=self._timeout(timeout_s),
+                )
+                self._encoded(model, response)
+        return self
+
+    def infer(
+        self,
+        region: Region | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        timeout_s: float | None = UNSET,
+    ) -> Result:
+        """As `MedPClipClient.infer` for this session's image (and window), without sending
+        the image again: one call to the prompt ensemble with the session's tokens."""
+        self.encode(timeout_s=timeout_s)
+        model, inputs, outputs = self._prompt_request(region, labels)
+        response = self.client._call(
+            "infer", model.name, inputs, outputs=outputs, timeout_s=self._timeout(timeout_s)
+        )
+        return parse_result(model, labels, response)
+
+    def close(self) -> None:
+        """Drop the tokens (the server holds nothing to release)."""
+        self._close()
+
+    def __enter__(self) -> Session:
+        return self.encode()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- masks ------------------------------------------------------------------------------------

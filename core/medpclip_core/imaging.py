@@ -60,6 +60,69 @@ class Transform:
     def from_array(cls, a: np.ndarray, size: int) -> Transform:
         return cls(float(a[0]), int(a[3]), int(a[4]), size)
 
+    @classmethod
+    def from_request(cls, a: np.ndarray, size: int, max_side: int = MAX_IMAGE_SIDE) -> Transform:
+        """A caller's TRANSFORM (as `medp_clip_encode` returned it) -> the transform `letterbox`
+        made for that image, or InputError: FP32 [5], finite, no top/left padding, a whole
+        height and width in 1..max_side, and the scale that letterboxing such an image to
+        `size` gives (a transform from a model of another input size fails here). The messages
+        name the rule, never the values sent."""
+        a = np.asarray(a)
+        if a.dtype != np.float32:
+            raise InputError(f"TRANSFORM must be FP32, as medp_clip_encode returns it; {_RESEND}")
+        if a.shape != (5,):
+            raise InputError(
+                "TRANSFORM must hold 5 values (scale, pad_x, pad_y, height, width), got shape "
+                f"{list(a.shape)}; {_RESEND}"
+            )
+        if not np.isfinite(a).all():
+            raise InputError(f"TRANSFORM contains NaN or infinite values; {_RESEND}")
+        t = cls.from_array(a, size)
+        scale, pad_x, pad_y, height, width = (float(v) for v in a)
+        if scale <= 0:
+            raise InputError(f"TRANSFORM scale must be positive; {_RESEND}")
+        if pad_x != 0 or pad_y != 0:
+            raise InputError(
+                f"TRANSFORM padding must be 0 (this server pads at the bottom and right); {_RESEND}"
+            )
+        if height != t.height or width != t.width or min(t.height, t.width) < 1:
+            raise InputError(f"TRANSFORM height and width must be whole numbers >= 1; {_RESEND}")
+        if max(t.height, t.width) > max_side:
+            raise InputError(
+                f"TRANSFORM describes an image larger than this server accepts ({max_side} pixels "
+                f"a side); {_RESEND}"
+            )
+        expected = size / max(t.height, t.width)
+        if abs(scale - expected) > 1e-5 * expected:
+            raise InputError(
+                "TRANSFORM does not belong to this model: its scale is not this model's input "
+                f"size ({size}) over the image's longest side, so it was made for another input "
+                f"size or altered; {_RESEND}"
+            )
+        return cls(expected, t.height, t.width, size)  # exactly what letterbox made
+
+
+_RESEND = "send what medp_clip_encode on this server returned, unchanged"
+
+
+def check_image_tokens(tokens: np.ndarray, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A caller's IMAGE_TOKENS (as `medp_clip_encode` returned them) -> the same array, or
+    InputError: this model's `shape` (trunk tokens x width), `dtype`, finite values."""
+    a = np.asarray(tokens)
+    if a.dtype != np.dtype(dtype):
+        raise InputError(
+            f"IMAGE_TOKENS must be {np.dtype(dtype).name}, as medp_clip_encode returns them; "
+            f"{_RESEND}"
+        )
+    if a.shape != tuple(shape):
+        raise InputError(
+            f"IMAGE_TOKENS must be {' x '.join(map(str, shape))} (this model's trunk tokens x "
+            f"width), got shape {list(a.shape)}; tokens of another model do not fit: {_RESEND}"
+        )
+    if not np.isfinite(a).all():
+        raise InputError(f"IMAGE_TOKENS contains NaN or infinite values; {_RESEND}")
+    return a
+
 
 # --- decoding ---------------------------------------------------------------------------------
 

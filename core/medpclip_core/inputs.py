@@ -3,6 +3,10 @@
 The one sequence "decode -> letterbox -> map prompts -> tokenize" that the server's `preprocess`
 model, the PyTorch reference, the export's parity and calibration inputs, training, benchmarks
 and tests all run, so that "the same preprocessed input" is the same code everywhere.
+
+`prepare_prompt` is its second half for an image encoded once (`medp_clip_encode`): the caller's
+trunk tokens and transform, checked, with the prompts mapped and the labels tokenized, as the
+server's `prompt_preprocess` model and the reference's `run_prompt` run it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from . import imaging
 from .errors import InputError
 from .imaging import Prompts, Transform
 from .labels import tokenize
-from .tensors import MAX_IMAGE_SIDE, MAX_LABELS
+from .tensors import MAX_IMAGE_SIDE, MAX_LABELS, TOKENS_DTYPE
 
 Window = tuple[float, float]
 
@@ -115,6 +119,66 @@ def prepare(
             raise TypeError("prepare(labels=...) needs the tokenizer")
         ids, attention = tokenize(tokenizer, labels, max_labels)
     return ModelInputs(pixel_values[None], prompts, t, mask_side, ids, attention)
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """One prompt on an encoded image (batch of one), named as `tensors.PROMPT_PREPROCESS`
+    outputs them."""
+
+    image_tokens: np.ndarray  # [1,K,W] trunk tokens, checked
+    prompts: Prompts
+    transform: Transform  # as `letterbox` made it for the encoded image
+    input_ids: np.ndarray | None = None  # [T,L] int64, when labels were given
+    attention_mask: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every output of the `prompt_preprocess` model, by name."""
+        p = self.prompts
+        out = {
+            "image_tokens": self.image_tokens,
+            "point_coords": p.point_coords,
+            "point_labels": p.point_labels,
+            "mask_input": p.mask_input,
+            "has_mask": p.has_mask,
+            "transform": self.transform.as_array(),
+        }
+        if self.input_ids is not None:
+            out.update(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        return out
+
+
+def prepare_prompt(
+    image_tokens: np.ndarray,
+    transform: np.ndarray,
+    size: int,
+    mask_side: int,
+    tokens_shape: tuple[int, int],
+    *,
+    tokens_dtype: str = TOKENS_DTYPE,
+    points: Any = None,
+    point_labels: Any = None,
+    box: Any = None,
+    mask: Any = None,
+    labels: Sequence[bytes | str] | None = None,
+    tokenizer: Any = None,
+    max_side: int = MAX_IMAGE_SIDE,
+    max_labels: int = MAX_LABELS,
+) -> PromptInputs:
+    """Check the trunk tokens (`tokens_shape` = (K, W) of this model, `tokens_dtype`, finite)
+    and the letterbox transform (`Transform.from_request`) that `medp_clip_encode` returned,
+    map the prompts with that transform and tokenize `labels`, as `prepare` does.
+
+    Raises InputError for anything the caller must fix, before any model runs."""
+    tokens = imaging.check_image_tokens(image_tokens, tokens_shape, tokens_dtype)
+    t = Transform.from_request(transform, size, max_side)
+    prompts = imaging.map_prompts(t, mask_side, points, point_labels, box, mask)
+    ids = attention = None
+    if labels is not None:
+        if tokenizer is None:  # a programming error, not the caller's input
+            raise TypeError("prepare_prompt(labels=...) needs the tokenizer")
+        ids, attention = tokenize(tokenizer, labels, max_labels)
+    return PromptInputs(tokens[None], prompts, t, ids, attention)
 
 
 def stack(items: Sequence[ModelInputs]) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ Shapes use symbols that are resolved from the model config (`Dims`):
   S  image side in pixels          g  patch grid side (S / patch)     P  g*g patches
   M  low-res mask side (4*g)       W  image encoder width             C  prompt/decoder width
   D  shared embedding dim          L  text context length
+  K  1 + P trunk tokens (CLS first)
 Any other symbol (N = number of prompt points, T = number of labels, Q = tokens per label in
 this request, at most L, H, X = image size) is dynamic and becomes -1. For batched models
 (`max_batch_size > 0`) the shape excludes the batch axis.
@@ -62,7 +63,7 @@ class Tensor:
         return axes
 
 
-STATIC_SYMBOLS = ("S", "g", "P", "M", "W", "C", "D", "L")
+STATIC_SYMBOLS = ("S", "g", "P", "M", "W", "C", "D", "L", "K")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ class Dims:
     @property
     def M(self) -> int:
         return 4 * self.g
+
+    @property
+    def K(self) -> int:
+        return 1 + self.P
 
     def get(self, symbol: str) -> int:
         return int(getattr(self, symbol)) if symbol in STATIC_SYMBOLS else -1
@@ -199,7 +204,46 @@ MASK_DECODER = ModelSpec(
     ),
 )
 
-ENCODERS = (PROMPT_ENCODER, IMAGE_ENCODER, TEXT_ENCODER, MASK_DECODER)
+# Encode once, prompt many: the image encoder split where the prompt first enters. The trunk
+# (every block before the last `prompt_blocks`) never sees the prompt, so its tokens can be
+# computed once per image (`medp_clip_encode`) and sent back with each prompt
+# (`medp_clip_prompt`). They travel in FP32: rounded to FP16 they move PATCH_FEATURES by up to
+# 1.1e-3 (default model) / 1.5e-3 (seeded base) and MASK_LOGITS by 6.9e-3 (default model), beyond
+# the 1e-4 that the prompt ensembles keep to `medp_clip` (model_repository/README.md).
+TOKENS_DTYPE = "float32"
+
+IMAGE_TRUNK = ModelSpec(
+    name="image_trunk",
+    backend="onnx",
+    max_batch_size=8,
+    doc="The prompt-free first blocks of the image encoder: pixels -> trunk tokens.",
+    inputs=(Tensor("pixel_values", "float32", (3, "S", "S")),),
+    outputs=(
+        Tensor("image_tokens", TOKENS_DTYPE, ("K", "W"), doc="CLS and patch tokens, pre-prompt"),
+    ),
+)
+
+IMAGE_PROMPTED = ModelSpec(
+    name="image_prompted",
+    backend="onnx",
+    max_batch_size=8,
+    doc="The last (prompted) blocks of the image encoder: trunk tokens + region -> embeddings.",
+    inputs=(
+        Tensor("image_tokens", TOKENS_DTYPE, ("K", "W")),
+        Tensor("dense_embeddings", "float32", ("C", "g", "g")),
+        Tensor("region_map", "float32", ("P",)),
+    ),
+    outputs=IMAGE_ENCODER.outputs,
+)
+
+ENCODERS = (
+    PROMPT_ENCODER,
+    IMAGE_ENCODER,
+    TEXT_ENCODER,
+    MASK_DECODER,
+    IMAGE_TRUNK,
+    IMAGE_PROMPTED,
+)
 
 # --- python-backend steps (not batched: one request, leading 1 feeds the batched encoders) ----
 
@@ -268,7 +312,24 @@ POSTPROCESS = ModelSpec(
     ),
 )
 
-PYTHON_MODELS = (PREPROCESS, TOKENIZER, POSTPROCESS)
+PROMPT_PREPROCESS = ModelSpec(
+    name="prompt_preprocess",
+    backend="python",
+    doc="Validate encoded image tokens and their letterbox transform (this model's dims, dtype, "
+    "finite values, the transform of an image this server could have encoded), map the prompts "
+    "with that transform, and tokenize LABELS when given.",
+    inputs=(
+        Tensor("IMAGE_TOKENS", TOKENS_DTYPE, ("K", "W"), doc="from medp_clip_encode, unchanged"),
+        Tensor("TRANSFORM", "float32", (5,), doc="from medp_clip_encode, unchanged"),
+        *(t for t in PREPROCESS.inputs if t.name not in ("IMAGE", "PIXELS", "WINDOW")),
+    ),
+    outputs=(
+        Tensor("image_tokens", TOKENS_DTYPE, (1, "K", "W")),
+        *(t for t in PREPROCESS.outputs if t.name != "pixel_values"),
+    ),
+)
+
+PYTHON_MODELS = (PREPROCESS, TOKENIZER, POSTPROCESS, PROMPT_PREPROCESS)
 
 
 # --- ensembles: what clients call ------------------------------------------------------------
@@ -358,7 +419,77 @@ MEDP_CLIP_TEXT = EnsembleSpec(
 )
 
 ENSEMBLES = (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
-ALL_MODELS: tuple[ModelSpec, ...] = ENCODERS + PYTHON_MODELS + ENSEMBLES
+
+# --- encode once, prompt many (stateless: the client holds the tokens) ----------------------
+
+MEDP_CLIP_ENCODE = EnsembleSpec(
+    name="medp_clip_encode",
+    backend="ensemble",
+    doc="Image -> trunk tokens and letterbox transform, what medp_clip_prompt needs per prompt.",
+    inputs=tuple(t for t in PREPROCESS.inputs if t.name in ("IMAGE", "PIXELS", "WINDOW")),
+    outputs=(
+        Tensor("IMAGE_TOKENS", TOKENS_DTYPE, ("K", "W"), doc="prompt-free trunk tokens"),
+        Tensor("TRANSFORM", "float32", (5,), doc="scale, pad_x, pad_y, height, width"),
+    ),
+    steps=(
+        # preprocess without prompts: its prompt outputs are computed and left unmapped
+        Step(
+            "preprocess",
+            {n: n for n in ("IMAGE", "PIXELS", "WINDOW")},
+            {"pixel_values": "pixel_values", "transform": "TRANSFORM"},
+        ),
+        Step("image_trunk", _identity(IMAGE_TRUNK.inputs), {"image_tokens": "IMAGE_TOKENS"}),
+    ),
+)
+
+
+def _prompt_preprocess_step(with_text: bool) -> Step:
+    skip = () if with_text else _TEXT_ONLY
+    return Step(
+        "prompt_preprocess",
+        _identity(PROMPT_PREPROCESS.inputs, skip),
+        _identity(PROMPT_PREPROCESS.outputs, skip),
+    )
+
+
+_PROMPTED_STEPS = tuple(
+    Step(m.name, _identity(m.inputs), _identity(m.outputs))
+    for m in (PROMPT_ENCODER, IMAGE_PROMPTED, MASK_DECODER)
+)
+
+MEDP_CLIP_PROMPT = EnsembleSpec(
+    name="medp_clip_prompt",
+    backend="ensemble",
+    doc="Encoded image (medp_clip_encode) + optional region prompt + candidate labels -> "
+    "what medp_clip returns.",
+    inputs=PROMPT_PREPROCESS.inputs,
+    outputs=POSTPROCESS.outputs,
+    steps=(
+        _prompt_preprocess_step(True),
+        *_PROMPTED_STEPS,
+        _TEXT_ENCODER_STEP,
+        _postprocess_step(True, POSTPROCESS.outputs),
+    ),
+)
+
+MEDP_CLIP_PROMPT_IMAGE = EnsembleSpec(
+    name="medp_clip_prompt_image",
+    backend="ensemble",
+    doc="Encoded image (medp_clip_encode) + optional region prompt -> what medp_clip_image "
+    "returns.",
+    inputs=tuple(t for t in PROMPT_PREPROCESS.inputs if t.name != "LABELS"),
+    outputs=_IMAGE_OUTPUTS,
+    steps=(
+        _prompt_preprocess_step(False),
+        *_PROMPTED_STEPS,
+        _postprocess_step(False, _IMAGE_OUTPUTS),
+    ),
+)
+
+# Not in ENSEMBLES (the deployment's list of served entry points and its canary, outside the
+# serving declaration) yet; every model is in ALL_MODELS, which the repository generator follows.
+PROMPT_ENSEMBLES = (MEDP_CLIP_ENCODE, MEDP_CLIP_PROMPT, MEDP_CLIP_PROMPT_IMAGE)
+ALL_MODELS: tuple[ModelSpec, ...] = ENCODERS + PYTHON_MODELS + ENSEMBLES + PROMPT_ENSEMBLES
 
 
 def spec(name: str) -> ModelSpec:

@@ -69,9 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m medpclip.export",
         description=(
-            "Export MedP-CLIP's prompt, image and text encoders and its mask decoder to ONNX, "
-            "check ONNX Runtime against PyTorch (max |diff| <= 1e-4), and write a Triton "
-            "model repository. Reuses earlier outputs when nothing changed."
+            "Export MedP-CLIP's prompt, image and text encoders and its mask decoder to ONNX "
+            "(and the image encoder once more as its prompt-free trunk and its prompted blocks, "
+            "for encode once, prompt many), check ONNX Runtime against PyTorch (max |diff| <= "
+            "1e-4), and write a Triton model repository. Reuses earlier outputs when nothing "
+            "changed."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

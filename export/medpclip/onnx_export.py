@@ -1,4 +1,4 @@
-"""ONNX export of the four served models, with caching and ONNX Runtime parity checks.
+"""ONNX export of the served encoders, with caching and ONNX Runtime parity checks.
 
 Each `Exportable` fixes one model's export interface (SAM's utils/onnx.py, TensorRT demo's model
 classes): the module to trace, its inputs and outputs taken from the tensor declaration in
@@ -67,7 +67,7 @@ class Exportable:
             elif t.name == "has_mask":
                 out[t.name] = (np.arange(batch) % 2).reshape(shape).astype(np.float32)
             else:
-                out[t.name] = rng.standard_normal(shape).astype(np.float32)
+                out[t.name] = rng.standard_normal(shape).astype(t.dtype)
         return out
 
     def run_torch(self, model: MedPClip, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,11 +87,39 @@ class _TextEncoder(nn.Module):
         return self.m.text_encoder(input_ids, attention_mask)
 
 
+_TOKENS_DTYPE = getattr(torch, T.TOKENS_DTYPE)
+
+
+class _ImageTrunk(nn.Module):
+    """The prompt-free blocks: pixel values -> trunk tokens in the declared wire dtype."""
+
+    def __init__(self, m: MedPClip) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixel_values):
+        return self.m.image_encoder.forward_trunk(pixel_values).to(_TOKENS_DTYPE)
+
+
+class _ImagePrompted(nn.Module):
+    """The prompted blocks on trunk tokens (computed in fp32 whatever their wire dtype)."""
+
+    def __init__(self, m: MedPClip) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, image_tokens, dense_embeddings, region_map):
+        tokens = image_tokens.to(torch.float32)
+        return self.m.image_encoder.forward_prompted(tokens, dense_embeddings, region_map)
+
+
 EXPORTABLES: dict[str, Exportable] = {
     "prompt_encoder": Exportable(T.PROMPT_ENCODER, lambda m: m.prompt_encoder),
     "image_encoder": Exportable(T.IMAGE_ENCODER, lambda m: m.image_encoder),
     "text_encoder": Exportable(T.TEXT_ENCODER, _TextEncoder),
     "mask_decoder": Exportable(T.MASK_DECODER, lambda m: m.mask_decoder),
+    "image_trunk": Exportable(T.IMAGE_TRUNK, _ImageTrunk),
+    "image_prompted": Exportable(T.IMAGE_PROMPTED, _ImagePrompted),
 }
 
 
@@ -170,7 +198,7 @@ def parity(
 # The CPU INT8 flavour: ONNX Runtime dynamic quantisation (int8 weights, activations quantised
 # per call) of the encoders whose cost is in MatMul/Gemm. The prompt encoder is too small to
 # gain and stays fp32.
-INT8_MODELS = ("image_encoder", "text_encoder", "mask_decoder")
+INT8_MODELS = ("image_encoder", "text_encoder", "mask_decoder", "image_trunk", "image_prompted")
 
 
 def quantize_int8(fp32: Path, log=print) -> Path:

@@ -12,7 +12,7 @@ from medpclip_core.inputs import prepare, stack
 from medpclip_core.labels import load_tokenizer, tokenize
 
 from .model import MedPClip
-from .reference import forward
+from .reference import forward, trunk
 
 LABELS = ["a round hyperdense nodule", "a dark cyst", "a spiculated mass", "normal tissue"]
 
@@ -69,4 +69,10 @@ def real_inputs(model: MedPClip, tokenizer_json: Path) -> dict[str, dict[str, np
             "dense_embeddings": o["dense_embeddings"],
         },
         "text_encoder": text_batch(tokenizer_json, model.cfg.text.context_length),
+        "image_trunk": {"pixel_values": img["pixel_values"]},
+        "image_prompted": {
+            "image_tokens": trunk(model, img["pixel_values"]),
+            "dense_embeddings": o["dense_embeddings"],
+            "region_map": o["region_map"],
+        },
     }

@@ -3,7 +3,7 @@
 Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `medpclip-pacs`
 (or ``python -m medpclip_client.pacs``); library use::
 
-    from medpclip_client.pacs import Bridge, DicomWeb, InstanceRef, Request
+    from medpclip_client.pacs import Bridge, DicomWeb, InstanceRef, RegionPrompt, Request
 
     with Bridge(DicomWeb("http://127.0.0.1:8042/dicom-web"), "127.0.0.1:8001") as bridge:
         outcome = bridge.process(
@@ -11,9 +11,22 @@ Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `me
             Request(labels=("a nodule", "a cyst"), points=((62, 70),), mask_out=True),
         )
         print(outcome.finding.label, outcome.finding.probability, outcome.sr_uid)
+
+Several regions of an instance (encoded once; one SR with a measurement group per region)::
+
+    Request(labels=..., regions=(RegionPrompt(points=((62, 70),)), RegionPrompt(box=(1, 2, 6, 8))))
 """
 
-from .bridge import Bridge, Outcome, QuerySummary, Request, StateFile, is_non_image, validate
+from .bridge import (
+    Bridge,
+    Outcome,
+    QuerySummary,
+    RegionPrompt,
+    Request,
+    StateFile,
+    is_non_image,
+    validate,
+)
 from .dicomweb import DicomWeb, ErrorKind, InstanceRef, PacsError, StoreResult
 from .reports import LOCAL_SCHEME, Finding, Graphic, build_seg, build_sr, label_concept
 
@@ -28,6 +41,7 @@ __all__ = [
     "Outcome",
     "PacsError",
     "QuerySummary",
+    "RegionPrompt",
     "Request",
     "StateFile",
     "StoreResult",

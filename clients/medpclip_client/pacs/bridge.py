@@ -10,9 +10,13 @@ Order of work, and why:
    transcode to Explicit VR Little Endian), and, when a mask is wanted, that a SEG can reference
    it (a dry run of highdicom). Refusals cost no inference and store nothing;
 3. infer through `MedPClipClient` with the instance's Part 10 bytes (the server decodes them
-   exactly as for any other DICOM client);
+   exactly as for any other DICOM client); several regions of the instance use one session
+   (`MedPClipClient.session`): the instance is uploaded and encoded once, then each region is
+   one call with the encoded image;
 4. build the SR (+ SEG) completely in memory, then STOW them in ONE request, so that a failure
-   at any step leaves nothing half-written in the archive.
+   at any step leaves nothing half-written in the archive. Several regions make one SR with
+   one measurement group per region (and one SEG with one segment per region), not one
+   report per region: one analysis of one instance is one report, stored or not as a whole.
 
 Query mode searches with QIDO-RS filters and runs step 1-4 per instance on a bounded worker pool
 (at most `concurrency` instances, hence requests, in flight), recording each stored instance in
@@ -57,6 +61,7 @@ __all__ = [
     "Bridge",
     "Outcome",
     "QuerySummary",
+    "RegionPrompt",
     "Request",
     "StateFile",
     "is_non_image",
@@ -109,16 +114,12 @@ def is_non_image(sop_class: str | None, modality: str | None = None) -> bool:
 
 
 @dataclass(frozen=True)
-class Request:
-    """What to ask about every instance: candidate labels, the region prompt in original image
-    pixels (x = column, y = row; points, or a box, or neither = the whole image), an optional
-    display window, and whether to store the mask as a SEG."""
+class RegionPrompt:
+    """One region of a request in original image pixels (x = column, y = row): foreground
+    points, or a box, or neither (the whole image). The SR draws it as its SCOORD."""
 
-    labels: tuple[str, ...]
     points: tuple[tuple[float, float], ...] | None = None
-    box: tuple[float, float, float, float] | None = None
-    mask_out: bool = False
-    window: tuple[float, float] | None = None
+    box: tuple[float, float, float, float] | None = None  # given both, the box is used
 
     def region(self) -> Region | None:
         if self.box is not None:
@@ -127,12 +128,52 @@ class Request:
             return Region(points=list(self.points))
         return None
 
+    def describe(self) -> str:
+        if self.box is not None:
+            return "box " + ",".join(f"{v:g}" for v in self.box)
+        if self.points:
+            return " ".join("point " + ",".join(f"{v:g}" for v in p) for p in self.points)
+        return "whole image"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to ask about every instance: candidate labels, the region prompt in original image
+    pixels (x = column, y = row; points, or a box, or neither = the whole image), an optional
+    display window, and whether to store the mask as a SEG.
+
+    Several regions: `regions` (then `points` and `box` stay None); each becomes one
+    measurement group of the one SR (and one segment of the one SEG), and the instance is
+    encoded once for all of them."""
+
+    labels: tuple[str, ...]
+    points: tuple[tuple[float, float], ...] | None = None
+    box: tuple[float, float, float, float] | None = None
+    mask_out: bool = False
+    window: tuple[float, float] | None = None
+    regions: tuple[RegionPrompt, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.regions and (self.points or self.box is not None):
+            raise ValueError("give points/box (one region) or regions, not both")
+
+    def prompts(self) -> tuple[RegionPrompt, ...]:
+        """The regions, in order (one for a single-region request)."""
+        return self.regions or (RegionPrompt(self.points, self.box),)
+
+    def region(self) -> Region | None:
+        """The client `Region` of a single-region request."""
+        if self.regions:
+            raise ValueError("a request of several regions has no single region")
+        return RegionPrompt(self.points, self.box).region()
+
     def fingerprint(self) -> str:
-        """A stable text of the request, seeding deterministic report UIDs."""
-        return json.dumps(
-            [list(self.labels), self.points, self.box, self.mask_out, self.window],
-            separators=(",", ":"),
-        )
+        """A stable text of the request, seeding deterministic report UIDs (a single-region
+        request's is what it always was)."""
+        parts: list[object] = [list(self.labels), self.points, self.box, self.mask_out, self.window]
+        if self.regions:
+            parts.append([[r.points, r.box] for r in self.regions])
+        return json.dumps(parts, separators=(",", ":"))
 
     def key(self) -> str:
         """A short hash of `fingerprint`, recorded in the state file per instance."""
@@ -141,7 +182,8 @@ class Request:
 
 @dataclass
 class Outcome:
-    """One processed instance: the finding and the UIDs of what was stored."""
+    """One processed instance: the finding (the first region's) and the UIDs of what was
+    stored; `findings` and `mask_areas` hold every region's, in order."""
 
     source: InstanceRef
     finding: Finding
@@ -150,19 +192,45 @@ class Outcome:
     seg_uid: str | None
     seg_series_uid: str | None
     mask_area: int
+    findings: list[Finding] = field(default_factory=list)
+    mask_areas: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.findings:
+            self.findings = [self.finding]
+            self.mask_areas = [self.mask_area]
+
+    @staticmethod
+    def _finding_json(finding: Finding, mask_area: int) -> dict[str, object]:
+        g = finding.graphic
+        return {
+            "label": finding.label,
+            "probability": finding.probability,
+            "image_probability": finding.image_probability,
+            "iou": finding.iou,
+            "region": {"graphic_type": g.graphic_type, "data": g.data.tolist()},
+            "mask_area_px": mask_area,
+        }
 
     def to_json(self) -> dict[str, object]:
-        g = self.finding.graphic
-        return {
+        """One region: its fields at the top level; several: a list under "regions"."""
+        where = {
             "study": self.source.study,
             "series": self.source.series,
             "instance": self.source.instance,
-            "label": self.finding.label,
-            "probability": self.finding.probability,
-            "image_probability": self.finding.image_probability,
-            "iou": self.finding.iou,
-            "region": {"graphic_type": g.graphic_type, "data": g.data.tolist()},
-            "mask_area_px": self.mask_area,
+        }
+        if len(self.findings) > 1:
+            found: dict[str, object] = {
+                "regions": [
+                    self._finding_json(f, a)
+                    for f, a in zip(self.findings, self.mask_areas, strict=True)
+                ]
+            }
+        else:
+            found = self._finding_json(self.finding, self.mask_area)
+        return {
+            **where,
+            **found,
             "sr": {"instance": self.sr_uid, "series": self.sr_series_uid},
             "seg": None
             if self.seg_uid is None
@@ -399,7 +467,7 @@ class Bridge:
         )
 
     def infer(self, data: bytes, ref: InstanceRef, request: Request) -> Result:
-        """Step 3."""
+        """Step 3 for a single-region request."""
         try:
             return self._client().infer(
                 data, request.region(), list(request.labels), request.window
@@ -411,6 +479,29 @@ class Bridge:
                 f"the request for instance {ref.instance} is invalid: {exc}", ErrorKind.REFUSED
             ) from None
 
+    def infer_all(self, data: bytes, ref: InstanceRef, request: Request) -> list[Result]:
+        """Step 3: one result per region, in order. One region: the plain call (`infer`);
+        several: one session, so the instance is uploaded and encoded once."""
+        prompts = request.prompts()
+        if len(prompts) == 1:
+            return [self.infer(data, ref, request)]
+        results: list[Result] = []
+        where = ""
+        try:
+            with self._client().session(data, request.window) as session:
+                for i, prompt in enumerate(prompts, 1):
+                    where = f" (region {i}: {prompt.describe()})"
+                    results.append(session.infer(prompt.region(), list(request.labels)))
+        except MedPClipError as exc:
+            error = self._inference_error(exc, ref)
+            raise PacsError(error.message + where, error.kind) from None
+        except InputError as exc:
+            raise PacsError(
+                f"the request for instance {ref.instance} is invalid{where}: {exc}",
+                ErrorKind.REFUSED,
+            ) from None
+        return results
+
     def process(self, ref: InstanceRef, request: Request, uid_seed: str | None = None) -> Outcome:
         """Fetch, validate, infer, and store one SR (+ SEG) in one STOW request.
 
@@ -421,27 +512,41 @@ class Bridge:
         if not request.labels:
             raise PacsError("at least one label is needed to name the finding", ErrorKind.REFUSED)
         ds = self.fetch(ref, request)
-        result = self.infer(_part10(ds), ref, request)
+        results = self.infer_all(_part10(ds), ref, request)
         rows, columns = int(ds.Rows), int(ds.Columns)
-        if result.mask.shape[:2] != (rows, columns):
-            raise PacsError(
-                f"the server's mask is {result.mask.shape[1]}x{result.mask.shape[0]} but instance "
-                f"{ref.instance} is {columns}x{rows}; is the server decoding another frame?"
+        findings: list[Finding] = []
+        for prompt, result in zip(request.prompts(), results, strict=True):
+            if result.mask.shape[:2] != (rows, columns):
+                raise PacsError(
+                    f"the server's mask is {result.mask.shape[1]}x{result.mask.shape[0]} but "
+                    f"instance {ref.instance} is {columns}x{rows}; is the server decoding another "
+                    "frame?"
+                )
+            top = result.top(1)
+            if not top:
+                raise PacsError(f"the server returned no label probabilities for {ref.instance}")
+            label, probability, image_probability = top[0]
+            findings.append(
+                Finding(
+                    label=label,
+                    probability=probability,
+                    image_probability=image_probability,
+                    iou=result.iou,
+                    graphic=region_graphic(prompt.points, prompt.box, rows, columns),
+                )
             )
-        top = result.top(1)
-        if not top:
-            raise PacsError(f"the server returned no label probabilities for {ref.instance}")
-        label, probability, image_probability = top[0]
-        finding = Finding(
-            label=label,
-            probability=probability,
-            image_probability=image_probability,
-            iou=result.iou,
-            graphic=region_graphic(request.points, request.box, rows, columns),
-        )
+        several = len(findings) > 1
         try:
-            sr = build_sr(ds, finding, uid_seed)
-            seg = build_seg(ds, result.mask, label, uid_seed) if request.mask_out else None
+            sr = build_sr(ds, findings if several else findings[0], uid_seed)
+            seg = None
+            if request.mask_out:
+                masks = [r.mask for r in results]
+                labels = [f.label for f in findings]
+                seg = (
+                    build_seg(ds, masks, labels, uid_seed)
+                    if several
+                    else build_seg(ds, masks[0], labels[0], uid_seed)
+                )
         except Exception as exc:  # noqa: BLE001 - highdicom raises several types
             raise PacsError(
                 f"could not build the DICOM report for instance {ref.instance}: "
@@ -460,14 +565,17 @@ class Bridge:
             raise PacsError(
                 f"the archive rejected the report for {ref.instance} ({detail}){partial}"
             )
+        areas = [int(np.count_nonzero(r.mask)) for r in results]
         return Outcome(
             source=ref,
-            finding=finding,
+            finding=findings[0],
             sr_uid=str(sr.SOPInstanceUID),
             sr_series_uid=str(sr.SeriesInstanceUID),
             seg_uid=None if seg is None else str(seg.SOPInstanceUID),
             seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID),
-            mask_area=int(np.count_nonzero(result.mask)),
+            mask_area=areas[0],
+            findings=findings,
+            mask_areas=areas,
         )
 
     # --- query mode ---------------------------------------------------------------------------
@@ -699,19 +807,21 @@ class StateFile:
             self._status[str(entry["sop_instance_uid"])] = str(entry["status"])
 
     def record_stored(self, outcome: Outcome) -> None:
-        self._append(
-            {
-                "sop_instance_uid": outcome.source.instance,
-                "status": "stored",
-                "study": outcome.source.study,
-                "series": outcome.source.series,
-                "sr": outcome.sr_uid,
-                "seg": outcome.seg_uid,
-                "label": outcome.finding.label,
-                "probability": outcome.finding.probability,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        )
+        entry: dict[str, object] = {
+            "sop_instance_uid": outcome.source.instance,
+            "status": "stored",
+            "study": outcome.source.study,
+            "series": outcome.source.series,
+            "sr": outcome.sr_uid,
+            "seg": outcome.seg_uid,
+            "label": outcome.finding.label,
+            "probability": outcome.finding.probability,
+        }
+        if len(outcome.findings) > 1:  # label, probability: the first region's
+            entry["regions"] = [
+                {"label": f.label, "probability": f.probability} for f in outcome.findings
+            ]
+        self._append({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def record_refused(self, ref: InstanceRef, error: PacsError) -> None:
         self._append(

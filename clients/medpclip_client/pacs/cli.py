@@ -29,7 +29,9 @@ from ..arguments import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     REGION_EPILOG,
+    SEVERAL_REGIONS_EPILOG,
     WINDOW_EPILOG,
+    RegionSpec,
     UsageError,
     add_connection_arguments,
     add_label_arguments,
@@ -43,6 +45,7 @@ from ..arguments import (
     parse_point,  # noqa: F401
     parse_window,  # noqa: F401
     read_labels_file,
+    regions_from_args,
     seconds,
 )
 
@@ -57,12 +60,22 @@ Fetch DICOM instances from a DICOMweb archive (WADO-RS), ask a MedP-CLIP Triton 
 candidate label fits a region, and store the answer back (STOW-RS) as a DICOM Comprehensive 3D
 SR (TID 1500 measurement report: finding label, its probability, the region as image
 coordinates, a reference to the source) and, with --mask-out, a DICOM SEG of the mask. The SR
-and SEG go to the archive in one request: on any error nothing is stored."""
+and SEG go to the archive in one request: on any error nothing is stored. Several regions of an
+instance are answered with one encoding of it and stored as one SR with one measurement group
+per region (and one SEG with one segment per region)."""
 
 REGION_NOTES = """\
-  `run` needs --point or --box; `query` applies it to every instance (without one the whole
-  image is scored and the SR's region is the image outline). The SR holds one region: give
-  points or a box, not both, and foreground points only (LABEL 1).
+  `run` needs --point, --box or --region; `query` applies them to every instance (without
+  one the whole image is scored and the SR's region is the image outline). Give one kind of
+  the three (each may repeat: several --box or --region are several regions). Each region
+  is drawn in the SR from its points or its box, not both, and from foreground points only
+  (LABEL 1).
+"""
+
+REGIONS_NOTES = """\
+  Several regions of an instance make ONE SR with one measurement group per region, in order
+  ("MedP-CLIP finding 1", "2", ...), and with --mask-out one SEG with one segment per region;
+  they are stored in one STOW-RS request, all or nothing.
 """
 
 QUERY_EXIT_NOTES = """\
@@ -71,6 +84,7 @@ if any instance was refused in this run."""
 
 EPILOG = f"""\
 {REGION_EPILOG}{REGION_NOTES}
+{SEVERAL_REGIONS_EPILOG}{REGIONS_NOTES}
 labels:
   --labels "a nodule" "a cyst" (one argument each) or --labels-file F (one per line, # comments).
   The best-scoring label is the finding; it is coded in the private scheme 99MEDPCLIP and its
@@ -208,15 +222,24 @@ def _labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def _points(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[float, float]]:
-    """The (x, y) of the --point options: the SR's region is drawn from foreground points, so a
-    background point (LABEL 0) is a usage error here."""
-    if any(label == 0 for _, _, label in args.point):
-        parser.error(
-            "argument --point: medpclip-pacs takes foreground points only (LABEL 1): "
-            "the SR's region is drawn from them"
-        )
-    return [(x, y) for x, y, _ in args.point]
+def _prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[RegionSpec]:
+    """The regions of --point, --box and --region (at most one kind, argparse checks). Each
+    is drawn in the SR from foreground points or from a box: a background point (LABEL 0) or
+    points beside a box are usage errors here."""
+    regions = regions_from_args(args)
+    option = "--region" if args.regions else "--point"
+    for spec in regions:
+        if any(label == 0 for _, _, label in spec.points):
+            parser.error(
+                f"argument {option}: medpclip-pacs takes foreground points only (LABEL 1): "
+                "the SR's region is drawn from them"
+            )
+        if spec.points and spec.box is not None:
+            parser.error(
+                f"argument {option}: medpclip-pacs draws a region from its points or from its "
+                f"box, not both: {spec.describe()!r}"
+            )
+    return regions
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -227,18 +250,23 @@ def _err(message: str) -> None:
 
 
 def _outcome_text(o) -> str:  # o: Outcome
-    f = o.finding
-    image = "-" if f.image_probability is None else f"{f.image_probability:.4f}"
-    lines = [
-        f"instance  {o.source.instance}",
-        f"finding   {f.label}",
-        f"region p  {f.probability:.4f}   image p {image}   IoU {f.iou:.3f}   "
-        f"mask {o.mask_area} px",
-        f"SR        {o.sr_uid}  (series {o.sr_series_uid})",
-    ]
+    lines = [f"instance  {o.source.instance}"]
+    for i, (f, area) in enumerate(zip(o.findings, o.mask_areas, strict=True), 1):
+        image = "-" if f.image_probability is None else f"{f.image_probability:.4f}"
+        if len(o.findings) > 1:
+            lines.append(f"region {i}  {f.graphic.graphic_type} {_graphic_text(f.graphic)}")
+        lines += [
+            f"finding   {f.label}",
+            f"region p  {f.probability:.4f}   image p {image}   IoU {f.iou:.3f}   mask {area} px",
+        ]
+    lines.append(f"SR        {o.sr_uid}  (series {o.sr_series_uid})")
     if o.seg_uid:
         lines.append(f"SEG       {o.seg_uid}  (series {o.seg_series_uid})")
     return "\n".join(lines)
+
+
+def _graphic_text(graphic) -> str:  # graphic: reports.Graphic
+    return " ".join(",".join(f"{v:g}" for v in row) for row in graphic.data.tolist())
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -258,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(join_negative(sys.argv[1:] if argv is None else argv))
-        points = _points(args, parser)
+        regions = _prompts(args, parser)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
@@ -271,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         if not args.verbose:
             warnings.simplefilter("ignore")
-        return _execute(args, labels, points, options)
+        return _execute(args, labels, regions, options)
 
 
 # --- exit codes -------------------------------------------------------------------------------
@@ -285,12 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _execute(
     args: argparse.Namespace,
     labels: list[str],
-    points: list[tuple[float, float]],
+    regions: list[RegionSpec],
     options: dict[str, Any],
 ) -> int:
     """The subcommand, after parsing; returns the exit code."""
     try:
-        from .bridge import Bridge, Request, StateFile
+        from .bridge import Bridge, RegionPrompt, Request, StateFile
         from .dicomweb import DicomWeb, InstanceRef, PacsError
     except ImportError as exc:
         _err(
@@ -299,12 +327,17 @@ def _execute(
         )
         return EXIT_ERROR
 
+    prompts = [
+        RegionPrompt(tuple((x, y) for x, y, _ in spec.points) or None, spec.box) for spec in regions
+    ]
+    one = prompts[0] if len(prompts) == 1 else RegionPrompt()
     request = Request(
         labels=tuple(labels),
-        points=tuple(points) if points else None,
-        box=args.box,
+        points=one.points,
+        box=one.box,
         mask_out=args.mask_out,
         window=args.window,
+        regions=tuple(prompts) if len(prompts) > 1 else (),
     )
     try:
         pacs = DicomWeb(args.dicomweb, timeout_s=args.pacs_timeout or None)
@@ -322,9 +355,9 @@ def _execute(
                     return
                 if event == "stored":
                     seg = f", SEG {detail.seg_uid}" if detail.seg_uid else ""
+                    found = "; ".join(f"{f.label!r} p={f.probability:.4f}" for f in detail.findings)
                     print(
-                        f"stored   {ref.instance}: {detail.finding.label!r} "
-                        f"p={detail.finding.probability:.4f} -> SR {detail.sr_uid}{seg}",
+                        f"stored   {ref.instance}: {found} -> SR {detail.sr_uid}{seg}",
                         flush=True,
                     )
                 elif event == "skipped":

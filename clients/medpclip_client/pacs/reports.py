@@ -141,17 +141,62 @@ def _algorithm_version() -> str:
     return __version__
 
 
-def build_sr(source: Dataset, finding: Finding, uid_seed: str | None = None) -> Dataset:
-    """A Comprehensive 3D SR holding a TID 1500 measurement report with one planar ROI group:
-    finding = the label (local code), region = the prompt as SCOORD on the source image, the
-    region probability (DCM 122157 "Probability", unitless), the whole-image probability and
-    the predicted IoU, and the label's full text as a free-text qualitative evaluation."""
+def build_sr(
+    source: Dataset, finding: Finding | Sequence[Finding], uid_seed: str | None = None
+) -> Dataset:
+    """A Comprehensive 3D SR holding a TID 1500 measurement report with one planar ROI group
+    per finding (several findings: several regions of the one source image, in order, each
+    with its own tracking identifier "MedP-CLIP finding N"): finding = the label (local code),
+    region = the prompt as SCOORD on the source image, the region probability (DCM 122157
+    "Probability", unitless), the whole-image probability and the predicted IoU, and the
+    label's full text as a free-text qualitative evaluation."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     evidence = evidence_copy(source)
     version = _algorithm_version()
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=version)
+    findings = [finding] if isinstance(finding, Finding) else list(finding)
+    if not findings:
+        raise ValueError("an SR needs at least one finding")
+    several = len(findings) > 1
+    groups = [
+        _roi_group(evidence, f, algorithm, uid_seed, (i + 1) if several else None)
+        for i, f in enumerate(findings)
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[ALGORITHM, version]),
+            name=ALGORITHM,
+            manufacturer_name=MANUFACTURER,
+            model_name=ALGORITHM,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[evidence],
+        content=report,
+        series_instance_uid=_uid(uid_seed, "sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=_uid(uid_seed, "sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        series_description="MedP-CLIP findings",
+    )
+    return sr
+
+
+def _roi_group(evidence: Dataset, finding: Finding, algorithm, uid_seed: str | None, number):
+    """One TID 1410 planar ROI measurement group; `number` (1-based) tells the groups of a
+    several-region report apart (None: the report's only group, named as it always was)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     concept = label_concept(finding.label)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues(finding.graphic.graphic_type),
@@ -179,9 +224,11 @@ def build_sr(source: Dataset, finding: Finding, uid_seed: str | None = None) -> 
                 algorithm_id=algorithm,
             ),
         )
+    tracking = "tracking" if number is None else f"tracking-{number}"
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_uid(uid_seed, "tracking"), identifier="MedP-CLIP finding"
+            uid=_uid(uid_seed, tracking),
+            identifier="MedP-CLIP finding" if number is None else f"MedP-CLIP finding {number}",
         ),
         referenced_region=region,
         finding_type=concept,
@@ -195,59 +242,51 @@ def build_sr(source: Dataset, finding: Finding, uid_seed: str | None = None) -> 
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=[ALGORITHM, version]),
-            name=ALGORITHM,
-            manufacturer_name=MANUFACTURER,
-            model_name=ALGORITHM,
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=[group],
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[evidence],
-        content=report,
-        series_instance_uid=_uid(uid_seed, "sr-series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=_uid(uid_seed, "sr"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        series_description="MedP-CLIP findings",
-    )
-    return sr
+    return group
 
 
 def build_seg(
-    source: Dataset, mask: np.ndarray, label: str, uid_seed: str | None = None
+    source: Dataset,
+    mask: np.ndarray | Sequence[np.ndarray],
+    label: str | Sequence[str],
+    uid_seed: str | None = None,
 ) -> Dataset:
     """A binary DICOM SEG of `mask` (rows x columns of the source, nonzero = region) with one
-    segment labelled with the finding, referencing the source instance. Empty masks are
-    written too (all frames kept), so that "no region found" is stored, not lost."""
+    segment labelled with the finding, referencing the source instance. Several regions: a
+    list of masks and a list of labels, one segment each (numbered 1, 2, ... in order; the
+    segments may overlap). Empty masks are written too (all frames kept), so that "no region
+    found" is stored, not lost."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     version = _algorithm_version()
-    pixels = np.asarray(mask) != 0
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=label.strip()[:MAX_LO] or "region",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=label_concept(label),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=ALGORITHM, family=codes.DCM.ArtificialIntelligence, version=version
-        ),
-    )
+    several = not isinstance(label, str)
+    masks = list(mask) if several else [mask]
+    labels = list(label) if several else [label]
+    if len(masks) != len(labels) or not masks:
+        raise ValueError(f"{len(masks)} masks for {len(labels)} labels")
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=text.strip()[:MAX_LO] or "region",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=label_concept(text),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=ALGORITHM, family=codes.DCM.ArtificialIntelligence, version=version
+            ),
+        )
+        for i, text in enumerate(labels, 1)
+    ]
+    if several:  # (frames = 1, rows, columns, segments)
+        pixels = np.stack([np.asarray(m) != 0 for m in masks], axis=-1)[None]
+    else:
+        pixels = np.asarray(masks[0]) != 0
     return hd.seg.Segmentation(
         source_images=[evidence_copy(source)],
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
+        segment_descriptions=segments,
         series_instance_uid=_uid(uid_seed, "seg-series"),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=_uid(uid_seed, "seg"),
