@@ -45,6 +45,7 @@ from PIL import Image
 from medpclip_core.auth import AUTH_HEADER, read_key_file  # noqa: F401 (read_key_file: API)
 from medpclip_core.errors import InputError
 from medpclip_core.tensors import (
+    ENSEMBLES,
     MEDP_CLIP,
     MEDP_CLIP_ENCODE,
     MEDP_CLIP_IMAGE,
@@ -123,7 +124,7 @@ for _name in (TOKENS, TRANSFORM):  # checked at import, as the roles above
     _declared(MEDP_CLIP_PROMPT.inputs, _name, MEDP_CLIP_PROMPT.name)
     _declared(MEDP_CLIP_PROMPT_IMAGE.inputs, _name, MEDP_CLIP_PROMPT_IMAGE.name)
 _TEXT_OUT = _declared(MEDP_CLIP_TEXT.outputs, "TEXT_EMBEDDINGS", MEDP_CLIP_TEXT.name)
-_ENSEMBLES = (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
+_ENSEMBLES = ENSEMBLES  # ready() = every entry point loaded
 
 
 class MedPClipError(Exception):

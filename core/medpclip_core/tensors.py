@@ -418,7 +418,6 @@ MEDP_CLIP_TEXT = EnsembleSpec(
     ),
 )
 
-ENSEMBLES = (MEDP_CLIP, MEDP_CLIP_IMAGE, MEDP_CLIP_TEXT)
 
 # --- encode once, prompt many (stateless: the client holds the tokens) ----------------------
 
@@ -486,10 +485,16 @@ MEDP_CLIP_PROMPT_IMAGE = EnsembleSpec(
     ),
 )
 
-# Not in ENSEMBLES (the deployment's list of served entry points and its canary, outside the
-# serving declaration) yet; every model is in ALL_MODELS, which the repository generator follows.
-PROMPT_ENSEMBLES = (MEDP_CLIP_ENCODE, MEDP_CLIP_PROMPT, MEDP_CLIP_PROMPT_IMAGE)
-ALL_MODELS: tuple[ModelSpec, ...] = ENCODERS + PYTHON_MODELS + ENSEMBLES + PROMPT_ENSEMBLES
+# What clients call: the deployment's list of served entry points (health, canary, probes).
+ENSEMBLES = (
+    MEDP_CLIP,
+    MEDP_CLIP_IMAGE,
+    MEDP_CLIP_TEXT,
+    MEDP_CLIP_ENCODE,
+    MEDP_CLIP_PROMPT,
+    MEDP_CLIP_PROMPT_IMAGE,
+)
+ALL_MODELS: tuple[ModelSpec, ...] = ENCODERS + PYTHON_MODELS + ENSEMBLES
 
 
 def spec(name: str) -> ModelSpec:

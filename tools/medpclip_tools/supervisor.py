@@ -167,8 +167,21 @@ class Canary:
         self.started = time.monotonic()
         try:
             client = await self._connect()
-            # the image ensembles visit every composing model but the tokenizer
-            image_path = unproven is None or bool(unproven - {"tokenizer"})
+            # the image ensembles visit every composing model but the tokenizer and the
+            # prompt path's own models, which encode + prompt visit
+            image_path = unproven is None or bool(unproven - {"tokenizer", *PROMPT_PATH})
+            prompt_path = unproven is None or bool(unproven & PROMPT_PATH)
+            if prompt_path and {"medp_clip_encode", "medp_clip_prompt_image"} <= set(self.models):
+                image = {k: v for k, v in CANARY_IMAGE.items() if k == "PIXELS"}
+                encoded = await client.infer("medp_clip_encode", _inputs(T.MEDP_CLIP_ENCODE, image))
+                prompt = {
+                    "IMAGE_TOKENS": encoded.as_numpy("IMAGE_TOKENS"),
+                    "TRANSFORM": encoded.as_numpy("TRANSFORM"),
+                    "POINTS": CANARY_IMAGE["POINTS"],
+                }
+                await client.infer(
+                    "medp_clip_prompt_image", _inputs(T.MEDP_CLIP_PROMPT_IMAGE, prompt)
+                )
             if image_path and "medp_clip" in self.models:
                 result = await client.infer("medp_clip", _inputs(T.MEDP_CLIP, CANARY_IMAGE))
                 if not np.isfinite(result.as_numpy("REGION_PROBS")).all():
@@ -202,6 +215,8 @@ def _canary_image() -> dict[str, np.ndarray]:
 
 
 CANARY_IMAGE = _canary_image()
+# composing models only the encode-once-prompt-many ensembles visit
+PROMPT_PATH = {"image_trunk", "image_prompted", "prompt_preprocess"}
 
 
 def _inputs(spec: T.ModelSpec, arrays: dict[str, np.ndarray]) -> list:
