@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from medpclip.config import ModelConfig
+from medpclip.config import DEFAULT_CHECKPOINT, ModelConfig
 from medpclip.model import CheckpointMismatch, build, load_checkpoint, save_checkpoint
+from medpclip.modeling.common import MASKED, Attention
 from medpclip.tokenizer import DEFAULT_TOKENIZER
 from medpclip_core import tensors as T
 from medpclip_core.labels import load_tokenizer
@@ -158,3 +161,160 @@ def test_tokenizer_round_trips(text):
     decoded = tok.decode(enc.ids)
     assert decoded.replace(" ", "") == text.lower().replace(" ", "")
     assert max(enc.ids) < CFG.text.vocab_size
+
+
+# --- the prompted blocks (issue 12): only the region token's attention row carries a bias ---
+
+
+def _dense_bias_attention(attn, q, k, v, bias=None):
+    """The attention as it was: matmul + softmax with an optional dense bias."""
+
+    def split(x):
+        b, n, c = x.shape
+        return x.reshape(b, n, attn.heads, c // attn.heads).transpose(1, 2)
+
+    qh, kh, vh = split(attn.q(q)), split(attn.k(k)), split(attn.v(v))
+    scores = (qh @ kh.transpose(-2, -1)) * attn.scale
+    if bias is not None:
+        scores = scores + bias
+    x = scores.softmax(dim=-1) @ vh
+    b, _, n, _ = x.shape
+    return attn.out(x.transpose(1, 2).reshape(b, n, -1))
+
+
+def _dense_bias_block(block, x, bias=None):
+    h = block.norm1(x)
+    x = x + _dense_bias_attention(block.attn, h, h, h, bias)
+    return x + block.mlp(block.norm2(x))
+
+
+def _dense_bias(enc, region_map, n):
+    """[B,1,n+1,n+1] over [CLS, patches, REG]: CLS and patch rows hide REG; the REG row favours
+    the region and hides REG itself."""
+    b = region_map.shape[0]
+    top = torch.cat([torch.zeros(b, n, n), torch.full((b, n, 1), MASKED)], dim=2)
+    towards = enc.region_bias * (region_map - 1)
+    zero = torch.zeros(b, 1)
+    reg_row = torch.cat([zero, towards, zero + MASKED], dim=1).unsqueeze(1)
+    return torch.cat([top, reg_row], dim=1).unsqueeze(1)
+
+
+def _dense_bias_image_encoder(enc, pixel_values, dense, region_map):
+    """The image encoder as it was: every prompted block adds the dense bias to all scores."""
+    x = enc.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+    x = enc.ln_pre(torch.cat([enc.cls_token.expand(x.shape[0], 1, -1), x], dim=1) + enc.pos_embed)
+    for block in enc.blocks[: enc.trunk_depth]:
+        x = _dense_bias_block(block, x)
+    n = x.shape[1]
+    dense_tokens = dense.flatten(2).transpose(1, 2)
+    x = torch.cat([x, x[:, :1] + enc.region_token], dim=1)
+    bias = _dense_bias(enc, region_map, n)
+    for i, block in enumerate(enc.blocks[enc.trunk_depth :]):
+        gated = enc.gates[i] * enc.dense_proj[i](dense_tokens)
+        x = torch.cat([x[:, :1], x[:, 1:n] + gated, x[:, n:]], dim=1)
+        x = _dense_bias_block(block, x, bias)
+    x = enc.ln_post(x)
+    global_emb = torch.nn.functional.normalize(enc.proj(x[:, 0]), dim=-1)
+    region_emb = torch.nn.functional.normalize(enc.proj(x[:, n]), dim=-1)
+    return global_emb, region_emb, x[:, 1:n]
+
+
+def _prompt_forms(cfg: ModelConfig, b: int = 2) -> dict[str, tuple]:
+    s, m = cfg.vision.image_size, cfg.dims.M
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(b, 1, m, m)
+    mask[..., m // 4 : m // 2, m // 3 :] = 1
+    no_mask = (torch.zeros(b, 1, m, m), torch.zeros(b, 1))
+    return {
+        "none": (torch.zeros(b, 1, 2), -torch.ones(b, 1, dtype=torch.int32), *no_mask),
+        "point": (torch.rand(b, 2, 2, generator=g) * s, torch.tensor([[1, 0]] * b).int(), *no_mask),
+        "box": (
+            torch.tensor([[[s * 0.2, s * 0.3], [s * 0.7, s * 0.8]]] * b),
+            torch.tensor([[2, 3]] * b).int(),
+            *no_mask,
+        ),
+        "mask": (torch.zeros(b, 1, 2), -torch.ones(b, 1).int(), mask, torch.ones(b, 1)),
+    }
+
+
+def test_region_token_attention_is_the_dense_bias_attention():
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(3, 10, 32)  # 9 tokens + the reader
+    reader_bias = -4 * torch.rand(3, 9)
+    bias = torch.zeros(3, 1, 10, 10)
+    bias[:, :, :, 9] = MASKED  # nobody sees the reader...
+    bias[:, 0, 9, :9] = reader_bias  # ...which reads the others with its bias
+    with torch.no_grad():
+        got = attn.with_reader(x, reader_bias)
+        want = _dense_bias_attention(attn, x, x, x, bias)
+    assert (got - want).abs().max() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build(ModelConfig.load("base"), seed=0)
+
+
+@pytest.mark.parametrize("which", ["default", "base"])
+def test_prompted_blocks_equal_the_dense_bias_formula(which, request):
+    """The restructured prompted blocks (plain attention for CLS and the patches, a one-query
+    attention with the bias for the region token) compute what the dense bias did."""
+    if which == "default":
+        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+            pytest.skip("no embedded default model")
+        model = load_checkpoint(DEFAULT_CHECKPOINT)
+        assert torch.count_nonzero(model.image_encoder.gates) > 0  # the dense path is on
+    else:
+        model = request.getfixturevalue("base")
+    enc, cfg = model.image_encoder, model.cfg
+    s = cfg.vision.image_size
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(2))
+    worst = {}
+    with torch.no_grad():
+        tokens = enc.forward_trunk(x)
+        for form, prompt in _prompt_forms(cfg).items():
+            _, dense, region = model.prompt_encoder(*prompt)
+            got = enc.forward_prompted(tokens, dense, region)
+            want = _dense_bias_image_encoder(enc, x, dense, region)
+            for name, g, w in zip(("global", "region", "patches"), got, want, strict=True):
+                worst[f"{form} {name}"] = float((g - w).abs().max())
+    assert max(worst.values()) <= 1e-5, worst
+
+
+def _cosine(a, b):
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return float(torch.nn.functional.cosine_similarity(a, b).min())
+
+
+def test_half_model_runs_end_to_end(fresh):
+    """`model.half()` runs the image path (every prompt form, and the trunk/prompted split) and
+    the text path on fp16 alone: nothing inside makes a float32 tensor."""
+    half = copy.deepcopy(fresh).half()
+    x = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for form, prompt in _prompt_forms(CFG).items():
+            want = fresh(x, *prompt)
+            coords, labels, mask, has = prompt
+            got = half(x.half(), coords.half(), labels, mask.half(), has.half())
+            for name, t in got.items():
+                assert t.dtype == torch.float16, (form, name)
+                assert torch.isfinite(t).all(), (form, name)
+            for name in ("global_embedding", "region_embedding", "patch_features"):
+                assert _cosine(got[name], want[name]) > 0.999, (form, name)
+            # float32 inputs are taken in the model's dtype
+            again = half(x, *prompt)
+            assert torch.equal(again["region_embedding"], got["region_embedding"]), form
+        _, dense, region = half.prompt_encoder(
+            *(t.half() if t.is_floating_point() else t for t in _prompt_forms(CFG)["point"])
+        )
+        split = half.image_encoder.forward_prompted(
+            half.image_encoder.forward_trunk(x.half()), dense, region
+        )
+        assert all(t.dtype == torch.float16 for t in split)
+        ids = torch.randint(5, CFG.text.vocab_size, (3, CFG.text.context_length))
+        attention_mask = torch.ones_like(ids)
+        attention_mask[:, 5:] = 0
+        text = half.encode_text(ids, attention_mask)
+        assert text.dtype == torch.float16 and torch.isfinite(text).all()
+        assert _cosine(text, fresh.encode_text(ids, attention_mask)) > 0.999

@@ -36,7 +36,12 @@ class MedPClip(nn.Module):
         mask_input: Tensor,
         has_mask: Tensor,
     ) -> dict[str, Tensor]:
-        """The image path for one batch; tensor names as in `medpclip_core.tensors`."""
+        """The image path for one batch; tensor names as in `medpclip_core.tensors`. Float
+        inputs are taken in the model's dtype (a `model.half()` accepts float32 inputs)."""
+        dtype = self.logit_scale.dtype
+        pixel_values, point_coords, mask_input, has_mask = (
+            t.to(dtype) for t in (pixel_values, point_coords, mask_input, has_mask)
+        )
         sparse, dense, region = self.prompt_encoder(
             point_coords, point_labels, mask_input, has_mask
         )

@@ -13,7 +13,10 @@ MASKED = -1.0e4
 
 
 class Attention(nn.Module):
-    """Multi-head attention written out (matmul + softmax) so ONNX/TensorRT see plain ops."""
+    """Multi-head attention on `scaled_dot_product_attention`: one fused kernel in PyTorch (flash
+    or memory-efficient attention on a GPU), and plain MatMul/Softmax/MatMul nodes in the ONNX
+    graph (the TorchScript exporter decomposes it), so ONNX Runtime and TensorRT see no custom
+    op."""
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None) -> None:
         super().__init__()
@@ -29,15 +32,34 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
+    def _attend(self, qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None = None) -> Tensor:
+        """[B,H,Nq,d] x [B,H,Nk,d] -> [B,Nq,H,d]: softmax(q k^T * scale + bias) v."""
+        x = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=self.scale)
+        return x.transpose(1, 2)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
         """q [B,Nq,dim], k/v [B,Nk,kv_dim], bias broadcastable to [B,heads,Nq,Nk] -> [B,Nq,dim]."""
         qh, kh, vh = self._split(self.q(q)), self._split(self.k(k)), self._split(self.v(v))
-        scores = (qh @ kh.transpose(-2, -1)) * self.scale
-        if bias is not None:
-            scores = scores + bias
-        x = scores.softmax(dim=-1) @ vh
-        b, _, n, _ = x.shape
-        return self.out(x.transpose(1, 2).reshape(b, n, -1))
+        x = self._attend(qh, kh, vh, bias)
+        return self.out(x.reshape(x.shape[0], x.shape[1], -1))
+
+    def with_reader(self, x: Tensor, reader_bias: Tensor) -> Tensor:
+        """Self-attention of x [B,n+1,dim] whose last token is a pure reader -> [B,n+1,dim].
+
+        The first n tokens attend among themselves with no bias and never see the reader: plain
+        attention. The reader is one query over those n keys (not itself), with reader_bias
+        [B,n] added to its scores in every head. This is `forward(x, x, x, bias)` with the dense
+        [B,1,n+1,n+1] bias that is 0 in the top-left n x n block, MASKED in the last column and
+        (reader_bias, MASKED) in the last row, without building or adding that bias for the n
+        rows that do not need it.
+        """
+        n = x.shape[1] - 1
+        qh, kh, vh = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        kh, vh = kh[:, :, :n], vh[:, :, :n]  # nobody attends to the reader
+        tokens = self._attend(qh[:, :, :n], kh, vh)  # [B,n,H,d]
+        reader = self._attend(qh[:, :, n:], kh, vh, reader_bias[:, None, None, :])  # [B,1,H,d]
+        x = torch.cat([tokens, reader], dim=1)
+        return self.out(x.reshape(x.shape[0], x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -86,8 +108,7 @@ class FourierPositions(nn.Module):
 
     def grid(self, side: int) -> Tensor:
         """Encoding of a side x side grid of cell centres -> [dim, side, side]."""
-        centres = (
-            torch.arange(side, dtype=torch.float32, device=self.gaussian.device) + 0.5
-        ) / side
+        g = self.gaussian
+        centres = (torch.arange(side, dtype=g.dtype, device=g.device) + 0.5) / side
         ys, xs = torch.meshgrid(centres, centres, indexing="ij")
         return self.encode(torch.stack([xs, ys], dim=-1)).permute(2, 0, 1)

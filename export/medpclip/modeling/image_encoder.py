@@ -6,10 +6,14 @@ once per image and reused for many prompts (`forward_trunk`). The last `prompt_b
 
 * the dense prompt map is added to the patch tokens through a per-block gate that starts at
   zero, so a CLIP checkpoint loaded into a fresh model behaves exactly as before;
-* a region token (initialised from the CLS state) attends to every token with an additive bias
-  that favours patches inside the region but never masks the rest out (global context stays);
-  CLS and patch tokens do not attend to the region token, so the global path is prompt-free
-  until the gates open.
+* a region token (initialised from the CLS state) attends to CLS and the patches with an
+  additive bias that favours patches inside the region but never masks the rest out (global
+  context stays); CLS and patch tokens do not attend to the region token, so the global path is
+  prompt-free until the gates open.
+
+Since nobody attends to the region token and it does not attend to itself, it is a pure reader:
+only its one attention row carries a bias (`Attention.with_reader`: a one-query attention over
+CLS and the patches), while CLS and the patches run plain attention, as in the trunk blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .common import MASKED, MLP, Attention
+from .common import MLP, Attention
 
 
 class Block(nn.Module):
@@ -34,6 +38,12 @@ class Block(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, h, bias)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_with_reader(self, x: Tensor, reader_bias: Tensor) -> Tensor:
+        """x [B,n+1,W] whose last token only reads the others (`Attention.with_reader`),
+        reader_bias [B,n] -> [B,n+1,W]."""
+        x = x + self.attn.with_reader(self.norm1(x), reader_bias)
         return x + self.mlp(self.norm2(x))
 
 
@@ -76,28 +86,22 @@ class ImageEncoder(nn.Module):
         dense_tokens = dense.flatten(2).transpose(1, 2)  # [B,P,C]
         reg = tokens[:, :1] + self.region_token
         x = torch.cat([tokens, reg], dim=1)  # [CLS, patches, REG]
-        bias = self._attention_bias(region_map, n)
+        reader_bias = self._reader_bias(region_map)
         for i, block in enumerate(self.blocks[self.trunk_depth :]):
             gated = self.gates[i] * self.dense_proj[i](dense_tokens)
             x = torch.cat([x[:, :1], x[:, 1:n] + gated, x[:, n:]], dim=1)
-            x = block(x, bias)
+            x = block.forward_with_reader(x, reader_bias)
         x = self.ln_post(x)
         global_emb = nn.functional.normalize(self.proj(x[:, 0]), dim=-1)
         region_emb = nn.functional.normalize(self.proj(x[:, n]), dim=-1)
         return global_emb, region_emb, x[:, 1:n]
 
-    def _attention_bias(self, region_map: Tensor, n: int) -> Tensor:
-        """[B,1,n+1,n+1]: CLS/patch rows never see REG; the REG row favours the region."""
-        b = region_map.shape[0]
-        zeros = torch.zeros(b, n, n, dtype=region_map.dtype, device=region_map.device)
-        hide_reg = torch.full((b, n, 1), MASKED, dtype=region_map.dtype, device=region_map.device)
-        top = torch.cat([zeros, hide_reg], dim=2)
-        towards = self.region_bias * (region_map - 1)  # 0 inside, -bias outside: never -inf
-        zero = torch.zeros(b, 1, dtype=region_map.dtype, device=region_map.device)
-        # REG is a pure reader: it does not attend to itself, so with no prompt (region map all
-        # ones) it reads exactly what CLS reads
-        reg_row = torch.cat([zero, towards, zero + MASKED], dim=1).unsqueeze(1)  # [B,1,n+1]
-        return torch.cat([top, reg_row], dim=1).unsqueeze(1)
+    def _reader_bias(self, region_map: Tensor) -> Tensor:
+        """region_map [B,P] -> the region token's bias over [CLS, patches], [B,1+P]: 0 for CLS
+        and inside the region, -region_bias outside, never -inf. (REG does not attend to itself,
+        so with no prompt, region map all ones, it reads exactly what CLS reads.)"""
+        towards = self.region_bias * (region_map - 1)
+        return torch.cat([torch.zeros_like(towards[:, :1]), towards], dim=1)
 
     def forward(
         self, pixel_values: Tensor, dense: Tensor, region_map: Tensor

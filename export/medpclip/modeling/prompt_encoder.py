@@ -83,7 +83,7 @@ class PromptEncoder(nn.Module):
         bg = torch.where((labels == BACKGROUND)[:, None, :], bump, zero).amax(-1)
 
         is_tl, is_br = labels == BOX_TOP_LEFT, labels == BOX_BOTTOM_RIGHT
-        has_box = is_tl.any(-1, keepdim=True).float()  # [B,1]
+        has_box = is_tl.any(-1, keepdim=True).to(coords.dtype)  # [B,1]
         tl = torch.where(is_tl[..., None], coords, torch.zeros_like(coords)).sum(1)  # [B,2]
         br = torch.where(is_br[..., None], coords, torch.zeros_like(coords)).sum(1)
         t = self.patch / 8  # softness of the box edge, in pixels
@@ -95,6 +95,7 @@ class PromptEncoder(nn.Module):
         m = nn.functional.avg_pool2d(mask_input, kernel_size=4).flatten(1) * hm
 
         positive = torch.maximum(torch.maximum(fg, box), m)
-        has_positive = ((labels == FOREGROUND).any(-1, keepdim=True).float() + has_box + hm) > 0
+        has_fg = (labels == FOREGROUND).any(-1, keepdim=True).to(coords.dtype)
+        has_positive = (has_fg + has_box + hm) > 0
         region = torch.where(has_positive, positive, torch.ones_like(positive))
         return region * (1 - bg)
