@@ -503,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--text-calls", type=int, default=20, help="reuse suite: text encoder calls timed per side"
     )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="reuse suite: the export's dynamic batching delay (default: the export's)",
+    )
     args = p.parse_args(argv)
     if args.suite == "reuse":
         import reuse

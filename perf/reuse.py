@@ -183,6 +183,8 @@ def report(doc: dict) -> str:
     lines = [
         f"## Reuse suite: {doc['config']} on {m['cpu']} ({m['cores']} cores), {doc['date']}",
         "",
+        f"Dynamic batching delay: {doc.get('queue_delay_us') or 'the export default (2000)'} us.",
+        "",
         "| call | p50 ms (c=1) | throughput /s |",
         "| --- | --- | --- |",
     ]
@@ -215,7 +217,8 @@ def run(args) -> dict:
     from medpclip_tools.serve import TritonServer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result = export.export(config=args.config, out=args.out, skip_parity=True)
+    delay = {} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}
+    result = export.export(config=args.config, out=args.out, skip_parity=True, **delay)
     w = Workload(result.checkpoint)
     _, cpu = cpu_peak_gflops()
     doc = {
@@ -223,6 +226,7 @@ def run(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
         "saturation": max(args.concurrency),
+        "queue_delay_us": args.queue_delay_us,
     }
     print("== text path (ONNX Runtime, in process) ==", flush=True)
     doc["text"] = text_path(

@@ -24,6 +24,10 @@ class TritonPythonModel:
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Each encoder runs in its own stub process, one after another in an ensemble: a pool
+        # that spins after its run would take the cores from the next model's (measured on 2
+        # cores, base: image_prompted 79 ms spinning, against 32 ms in a process alone).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             version_file(args, "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
