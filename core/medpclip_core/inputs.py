@@ -113,12 +113,19 @@ def prepare(
     display = decode(image, window, max_side)
     pixel_values, t = imaging.letterbox(display, size)
     prompts = imaging.map_prompts(t, mask_side, points, point_labels, box, mask)
-    ids = attention = None
-    if labels is not None:
-        if tokenizer is None:  # a programming error, not the caller's input
-            raise TypeError("prepare(labels=...) needs the tokenizer")
-        ids, attention = tokenize(tokenizer, labels, max_labels)
+    ids, attention = _tokens(labels, tokenizer, max_labels)
     return ModelInputs(pixel_values[None], prompts, t, mask_side, ids, attention)
+
+
+def _tokens(
+    labels: Sequence[bytes | str] | None, tokenizer: Any, max_labels: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(input_ids, attention_mask) of `labels`, or (None, None) without labels."""
+    if labels is None:
+        return None, None
+    if tokenizer is None:  # a programming error, not the caller's input
+        raise TypeError("labels need the tokenizer (labels.load_tokenizer)")
+    return tokenize(tokenizer, labels, max_labels)
 
 
 @dataclass(frozen=True)
@@ -173,11 +180,7 @@ def prepare_prompt(
     tokens = imaging.check_image_tokens(image_tokens, tokens_shape, tokens_dtype)
     t = Transform.from_request(transform, size, max_side)
     prompts = imaging.map_prompts(t, mask_side, points, point_labels, box, mask)
-    ids = attention = None
-    if labels is not None:
-        if tokenizer is None:  # a programming error, not the caller's input
-            raise TypeError("prepare_prompt(labels=...) needs the tokenizer")
-        ids, attention = tokenize(tokenizer, labels, max_labels)
+    ids, attention = _tokens(labels, tokenizer, max_labels)
     return PromptInputs(tokens[None], prompts, t, ids, attention)
 
 

@@ -19,6 +19,12 @@ def parameters(args: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in params.items()}
 
 
+def image_parameters(args: dict) -> tuple[int, int, int]:
+    """(image_size, mask_side, max_image_side) from the model's parameters."""
+    params = parameters(args)
+    return int(params["image_size"]), int(params["mask_side"]), int(params["max_image_side"])
+
+
 def version_file(args: dict, name: str) -> str:
     """Path of a file shipped in the model's version folder (model.onnx, tokenizer.json)."""
     return os.path.join(args["model_repository"], args["model_version"], name)

@@ -8,7 +8,12 @@ about the patient (DICOM tags, pixel values) is logged.
 
 import triton_python_backend_utils as pb_utils
 
-from medpclip_core.backend.common import optional_input, parameters, respond_each, tokenizer_for
+from medpclip_core.backend.common import (
+    image_parameters,
+    optional_input,
+    respond_each,
+    tokenizer_for,
+)
 from medpclip_core.errors import InputError
 from medpclip_core.inputs import prepare
 
@@ -19,10 +24,7 @@ def _get(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = parameters(args)
-        self.size = int(params["image_size"])
-        self.mask_side = int(params["mask_side"])
-        self.max_side = int(params["max_image_side"])
+        self.size, self.mask_side, self.max_side = image_parameters(args)
         # medp_clip tokenizes here so that every check happens before the ensemble branches
         self.tok, self.max_labels = tokenizer_for(args)
 

@@ -12,7 +12,12 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from medpclip_core.backend.common import optional_input, parameters, respond_each, tokenizer_for
+from medpclip_core.backend.common import (
+    image_parameters,
+    optional_input,
+    respond_each,
+    tokenizer_for,
+)
 from medpclip_core.errors import InputError
 from medpclip_core.inputs import prepare_prompt
 
@@ -23,10 +28,7 @@ def _get(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = parameters(args)
-        self.size = int(params["image_size"])
-        self.mask_side = int(params["mask_side"])
-        self.max_side = int(params["max_image_side"])
+        self.size, self.mask_side, self.max_side = image_parameters(args)
         config = json.loads(args["model_config"])
         tokens = next(t for t in config["input"] if t["name"] == "IMAGE_TOKENS")
         self.tokens_shape = tuple(int(d) for d in tokens["dims"])
