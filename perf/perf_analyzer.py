@@ -31,19 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medpclip_core import tensors as T
+
 ROOT = Path(__file__).resolve().parents[1]
-ALL_MODELS = (
-    "medp_clip",
-    "medp_clip_image",
-    "medp_clip_text",
-    "preprocess",
-    "prompt_encoder",
-    "image_encoder",
-    "mask_decoder",
-    "text_encoder",
-    "tokenizer",
-    "postprocess",
-)
+# every model of the repository, from the one declaration
+ALL_MODELS = tuple(spec.name for spec in T.ALL_MODELS)
 
 
 def binary(out: Path) -> tuple[Path, dict[str, str]]:
@@ -87,8 +79,7 @@ def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarr
     """Per model: the inputs a real request feeds it (batch axis dropped for batched models)."""
     from medpclip.export import DEFAULT_CHECKPOINT
     from medpclip.model import load_checkpoint
-    from medpclip.reference import embed_text, forward
-    from medpclip_core import tensors as T
+    from medpclip.reference import embed_text, forward, trunk
     from medpclip_core.inputs import prepare
     from medpclip_core.labels import load_tokenizer
     from medpclip_tools.evaluate import centre_point
@@ -107,6 +98,7 @@ def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarr
     )
     o = forward(model, x.image_arrays())
     text = embed_text(model, x.text_arrays())
+    tokens = trunk(model, x.pixel_values)[0]  # what medp_clip_encode returns
     image = {"IMAGE": np.array([dicom], dtype=object), "POINTS": point}
     per_item = {  # batched models: one item, no batch axis
         "prompt_encoder": {k: v[0] for k, v in x.prompt_arrays().items()},
@@ -121,11 +113,22 @@ def real_tensors(checkpoint: Path | None = None) -> dict[str, dict[str, np.ndarr
             "dense_embeddings": o["dense_embeddings"][0],
         },
         "text_encoder": {k: v[0] for k, v in x.text_arrays().items()},
+        "image_trunk": {"pixel_values": x.pixel_values[0]},
+        "image_prompted": {
+            "image_tokens": tokens,
+            "dense_embeddings": o["dense_embeddings"][0],
+            "region_map": o["region_map"][0],
+        },
     }
+    encoded = {"IMAGE_TOKENS": tokens, "TRANSFORM": x.transform.as_array(), "POINTS": point}
     tensors = {
         "medp_clip": {**image, "LABELS": labels},
         "medp_clip_image": image,
         "medp_clip_text": {"LABELS": labels},
+        "medp_clip_encode": {"IMAGE": image["IMAGE"]},
+        "medp_clip_prompt": {**encoded, "LABELS": labels},
+        "medp_clip_prompt_image": encoded,
+        "prompt_preprocess": {**encoded, "LABELS": labels},
         "preprocess": {**image, "LABELS": labels},
         "tokenizer": {"LABELS": labels},
         "postprocess": {

@@ -27,14 +27,14 @@ def test_perf_analyzer_sweeps_the_ensemble_and_a_composing_model(server, checkpo
     # the admin key its ModelConfig call needs at the gateway: it measures Triton on loopback.
     rows = perf_analyzer.sweep(
         server.triton_url,
-        ["medp_clip", "image_encoder"],
+        ["medp_clip", "image_encoder", "medp_clip_prompt_image"],
         inputs,
         tmp_path,
         concurrency="1:2",
         interval_ms=800,
     )
     measured = {(r["model"], r["concurrency"]) for r in rows}
-    assert {("medp_clip", 1), ("image_encoder", 1)} <= measured
+    assert {("medp_clip", 1), ("image_encoder", 1), ("medp_clip_prompt_image", 1)} <= measured
     assert all(r["throughput"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert "infer/s" in perf_analyzer.table(rows)
 

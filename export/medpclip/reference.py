@@ -39,7 +39,7 @@ def embed_text(model: MedPClip, arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 @torch.no_grad()
 def trunk(model: MedPClip, pixel_values: np.ndarray) -> np.ndarray:
-    """Trunk tokens [B,Q,W] of `pixel_values` [B,3,S,S] in the declared wire dtype."""
+    """Trunk tokens [B,K,W] of `pixel_values` [B,3,S,S] in the declared wire dtype."""
     tokens = model.image_encoder.forward_trunk(torch.from_numpy(pixel_values))
     return tokens.numpy().astype(T.TOKENS_DTYPE)
 
