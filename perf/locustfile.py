@@ -2,8 +2,9 @@
 
     locust -f perf/locustfile.py --headless --host 127.0.0.1:8001
 
-A mix of what clients do: region classification against a label list, embeddings only, and
-interactive segmentation, on phantom CT slices sent as DICOM; every answer is checked.
+A mix of what clients do: region classification against a label list, embeddings only,
+interactive segmentation, and every finding of one image through a session (one encode, one
+prompt each), on phantom CT slices sent as DICOM; every answer is checked.
 The load ramps in stages (`RampShape`) and the run ends by itself after the last one; set
 MEDPCLIP_RAMP="users:seconds,..." to change them (e.g. "2:6" for a few-second smoke test).
 
@@ -141,6 +142,20 @@ class MedPClipUser(User):
             assert r.mask.shape == p.hu.shape
 
         self._call("medp_clip_image segment", run)
+
+
+    @task(1)
+    def every_finding_of_one_image(self) -> None:
+        """A viewer asking about each finding of one image: one encode, one prompt each."""
+        data, p, _ = self._case()
+
+        def run():
+            with self.client.session(data) as s:
+                for f in p.findings:
+                    r = s.infer(Region(points=[centre_point(f)]), labels=CANONICAL)
+                    assert abs(float(r.region_probs.sum()) - 1) < 1e-4
+
+        self._call("session encode+prompts", run)
 
 
 class RampShape(LoadTestShape):
