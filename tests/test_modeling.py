@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from medpclip.modeling.common import MASKED, Attention
 from medpclip.tokenizer import DEFAULT_TOKENIZER
 from medpclip_core import tensors as T
 from medpclip_core.labels import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+from prompted_blocks import old_attention, old_block, old_forward_prompted  # noqa: E402
 
 CFG = ModelConfig.load("tiny")
 S, G, M, B = CFG.vision.image_size, CFG.vision.grid, 4 * CFG.vision.grid, 2
@@ -166,57 +171,15 @@ def test_tokenizer_round_trips(text):
 # --- the prompted blocks (issue 12): only the region token's attention row carries a bias ---
 
 
-def _dense_bias_attention(attn, q, k, v, bias=None):
-    """The attention as it was: matmul + softmax with an optional dense bias."""
-
-    def split(x):
-        b, n, c = x.shape
-        return x.reshape(b, n, attn.heads, c // attn.heads).transpose(1, 2)
-
-    qh, kh, vh = split(attn.q(q)), split(attn.k(k)), split(attn.v(v))
-    scores = (qh @ kh.transpose(-2, -1)) * attn.scale
-    if bias is not None:
-        scores = scores + bias
-    x = scores.softmax(dim=-1) @ vh
-    b, _, n, _ = x.shape
-    return attn.out(x.transpose(1, 2).reshape(b, n, -1))
-
-
-def _dense_bias_block(block, x, bias=None):
-    h = block.norm1(x)
-    x = x + _dense_bias_attention(block.attn, h, h, h, bias)
-    return x + block.mlp(block.norm2(x))
-
-
-def _dense_bias(enc, region_map, n):
-    """[B,1,n+1,n+1] over [CLS, patches, REG]: CLS and patch rows hide REG; the REG row favours
-    the region and hides REG itself."""
-    b = region_map.shape[0]
-    top = torch.cat([torch.zeros(b, n, n), torch.full((b, n, 1), MASKED)], dim=2)
-    towards = enc.region_bias * (region_map - 1)
-    zero = torch.zeros(b, 1)
-    reg_row = torch.cat([zero, towards, zero + MASKED], dim=1).unsqueeze(1)
-    return torch.cat([top, reg_row], dim=1).unsqueeze(1)
-
-
 def _dense_bias_image_encoder(enc, pixel_values, dense, region_map):
-    """The image encoder as it was: every prompted block adds the dense bias to all scores."""
+    """The image encoder as it was (`perf/prompted_blocks.py` keeps that formulation for its
+    "before" side): written-out attention, and every prompted block adding the dense bias to
+    all scores."""
     x = enc.patch_embed(pixel_values).flatten(2).transpose(1, 2)
     x = enc.ln_pre(torch.cat([enc.cls_token.expand(x.shape[0], 1, -1), x], dim=1) + enc.pos_embed)
     for block in enc.blocks[: enc.trunk_depth]:
-        x = _dense_bias_block(block, x)
-    n = x.shape[1]
-    dense_tokens = dense.flatten(2).transpose(1, 2)
-    x = torch.cat([x, x[:, :1] + enc.region_token], dim=1)
-    bias = _dense_bias(enc, region_map, n)
-    for i, block in enumerate(enc.blocks[enc.trunk_depth :]):
-        gated = enc.gates[i] * enc.dense_proj[i](dense_tokens)
-        x = torch.cat([x[:, :1], x[:, 1:n] + gated, x[:, n:]], dim=1)
-        x = _dense_bias_block(block, x, bias)
-    x = enc.ln_post(x)
-    global_emb = torch.nn.functional.normalize(enc.proj(x[:, 0]), dim=-1)
-    region_emb = torch.nn.functional.normalize(enc.proj(x[:, n]), dim=-1)
-    return global_emb, region_emb, x[:, 1:n]
+        x = old_block(block, x)
+    return old_forward_prompted(enc, x, dense, region_map)
 
 
 def _prompt_forms(cfg: ModelConfig, b: int = 2) -> dict[str, tuple]:
@@ -247,7 +210,7 @@ def test_region_token_attention_is_the_dense_bias_attention():
     bias[:, 0, 9, :9] = reader_bias  # ...which reads the others with its bias
     with torch.no_grad():
         got = attn.with_reader(x, reader_bias)
-        want = _dense_bias_attention(attn, x, x, x, bias)
+        want = old_attention(attn, x, x, x, bias)
     assert (got - want).abs().max() <= 1e-6
 
 
