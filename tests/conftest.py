@@ -106,3 +106,38 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+# --- the region prompts the parity tests send (tests/test_serving.py, tests/test_prompt_many.py)
+
+PROMPT_H, PROMPT_W = 120, 200  # the size of sample_image() they go with
+PARITY_LABELS = ["a round hyperdense nodule", "a dark cyst", "a spiculated mass", "normal tissue"]
+
+
+def region_mask() -> np.ndarray:
+    """A disc at (150, 80), the image's size: the MASK prompt form."""
+    yy, xx = np.mgrid[:PROMPT_H, :PROMPT_W]
+    return (((yy - 80) ** 2 + (xx - 150) ** 2) < 20**2).astype(np.uint8)
+
+
+PROMPT_FORMS = {
+    "point": {"POINTS": np.array([[50.0, 40.0]], np.float32)},
+    "points_with_background": {
+        "POINTS": np.array([[50.0, 40.0], [55.0, 45.0], [150.0, 80.0]], np.float32),
+        "POINT_LABELS": np.array([1, 1, 0], np.int32),
+    },
+    "box": {"BOX": np.array([30.0, 20.0, 75.0, 62.0], np.float32)},
+    "mask": {"MASK": region_mask()},
+    "box_and_point": {
+        "BOX": np.array([120.0, 50.0, 185.0, 110.0], np.float32),
+        "POINTS": np.array([[150.0, 80.0]], np.float32),
+    },
+    "none": {},
+}
+
+
+def infer_outputs(grpc, model_name: str, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Every declared output of one call of `model_name`, by name."""
+    spec = T.spec(model_name)
+    result = grpc.infer(model_name, make_inputs(model_name, **arrays))
+    return {t.name: result.as_numpy(t.name) for t in spec.outputs}

@@ -4,40 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import image_bytes, make_inputs, sample_image
+from conftest import (
+    PARITY_LABELS,
+    PROMPT_FORMS,
+    PROMPT_H,
+    PROMPT_W,
+    image_bytes,
+    infer_outputs,
+    make_inputs,
+    sample_image,
+)
 
 from medpclip import reference
-from medpclip_core import tensors as T
 
-LABELS = ["a round hyperdense nodule", "a dark cyst", "a spiculated mass", "normal tissue"]
-H, W = 120, 200
+LABELS = PARITY_LABELS
+H, W = PROMPT_H, PROMPT_W
 ATOL = 1e-4
-
-PROMPTS = {
-    "point": {"POINTS": np.array([[50.0, 40.0]], np.float32)},
-    "points_with_background": {
-        "POINTS": np.array([[50.0, 40.0], [55.0, 45.0], [150.0, 80.0]], np.float32),
-        "POINT_LABELS": np.array([1, 1, 0], np.int32),
-    },
-    "box": {"BOX": np.array([30.0, 20.0, 75.0, 62.0], np.float32)},
-    "mask": {"MASK": None},  # filled below
-    "box_and_point": {
-        "BOX": np.array([120.0, 50.0, 185.0, 110.0], np.float32),
-        "POINTS": np.array([[150.0, 80.0]], np.float32),
-    },
-    "none": {},
-}
-
-
-def _mask() -> np.ndarray:
-    yy, xx = np.mgrid[:H, :W]
-    return (((yy - 80) ** 2 + (xx - 150) ** 2) < 20**2).astype(np.uint8)
-
-
-def _infer(grpc, model_name, **arrays):
-    spec = T.spec(model_name)
-    result = grpc.infer(model_name, make_inputs(model_name, **arrays))
-    return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+PROMPTS = PROMPT_FORMS
+_infer = infer_outputs
 
 
 def _reference(model, checkpoint, image, prompt, labels):
@@ -69,7 +53,7 @@ def _compare(served, expected, height, width):
 @pytest.mark.parametrize("form", list(PROMPTS))
 def test_each_prompt_form_matches_pytorch(grpc, model, checkpoint, form):
     img = sample_image(H, W)
-    prompt = {k: (_mask() if k == "MASK" else v) for k, v in PROMPTS[form].items()}
+    prompt = PROMPTS[form]
     served = _infer(
         grpc,
         "medp_clip",
