@@ -25,6 +25,11 @@ class VisionConfig:
     mlp_ratio: float
     prompt_blocks: int  # region prompt enters only the last `prompt_blocks` blocks
     region_bias_init: float
+    # Where checkpoints of other families differ (timm's ViT, BiomedCLIP's tower): a LayerNorm
+    # before the blocks (OpenAI CLIP's `ln_pre`; timm's ViT-B has none) and the LayerNorm epsilon
+    # (timm: 1e-6). The defaults are the layout our own checkpoints were trained with.
+    pre_norm: bool = True
+    ln_eps: float = 1e-5
 
     @property
     def grid(self) -> int:
@@ -46,6 +51,16 @@ class TextConfig:
     layers: int
     heads: int
     mlp_ratio: float
+    # projection to the shared space: one linear map, or open_clip's "mlp" (linear, GELU,
+    # linear, no biases; hidden width `proj_hidden`), as BiomedCLIP's text tower has
+    proj: str = "linear"
+    proj_hidden: int = 0
+
+    def __post_init__(self) -> None:
+        if self.proj not in ("linear", "mlp"):
+            raise ValueError(f"text proj must be 'linear' or 'mlp', got {self.proj!r}")
+        if self.proj == "mlp" and self.proj_hidden < 1:
+            raise ValueError("text proj 'mlp' needs proj_hidden >= 1")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,19 @@ class DecoderConfig:
     mlp_dim: int
     upscale_channels: int
     iou_hidden: int
+    # SAM's decoder, so that its weights import as they are: ReLU in the two-way MLPs and the
+    # output heads, cross-attention at 1/`attention_downsample` width, and `mask_tokens` output
+    # tokens taking part in attention (SAM: 4, its multimask outputs) of which the first is
+    # served. Defaults: the layout our own checkpoints were trained with.
+    activation: str = "gelu"
+    attention_downsample: int = 1
+    mask_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"decoder activation must be gelu or relu, got {self.activation!r}")
+        if self.attention_downsample < 1 or self.mask_tokens < 1:
+            raise ValueError("decoder attention_downsample and mask_tokens must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,11 @@ class ModelConfig:
             ("vision", v.width, v.heads),
             ("text", self.text.width, self.text.heads),
             ("decoder", self.prompt.dim, self.decoder.heads),
+            (
+                "decoder cross-attention",
+                self.prompt.dim // self.decoder.attention_downsample,
+                self.decoder.heads,
+            ),
         ):
             if width % heads:
                 raise ValueError(f"{part} width {width} is not divisible by heads {heads}")

@@ -18,15 +18,20 @@ class Attention(nn.Module):
     graph (the TorchScript exporter decomposes it), so ONNX Runtime and TensorRT see no custom
     op."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, heads: int, kv_dim: int | None = None, inner_dim: int | None = None
+    ) -> None:
+        """`inner_dim` (default `dim`): the width q, k and v are projected to (SAM's decoder
+        cross-attends at half width)."""
         super().__init__()
         kv_dim = kv_dim or dim
+        inner = inner_dim or dim
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(kv_dim, dim)
-        self.v = nn.Linear(kv_dim, dim)
-        self.out = nn.Linear(dim, dim)
-        self.scale = 1.0 / math.sqrt(dim // heads)
+        self.q = nn.Linear(dim, inner)
+        self.k = nn.Linear(kv_dim, inner)
+        self.v = nn.Linear(kv_dim, inner)
+        self.out = nn.Linear(inner, dim)
+        self.scale = 1.0 / math.sqrt(inner // heads)
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
@@ -62,19 +67,30 @@ class Attention(nn.Module):
         return self.out(x.reshape(x.shape[0], x.shape[1], -1))
 
 
+ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": nn.functional.relu}
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, out: int | None = None, layers: int = 2) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        out: int | None = None,
+        layers: int = 2,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
         dims = [dim] + [hidden] * (layers - 1) + [out or dim]
         self.layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = nn.functional.gelu(x)
+                x = self.act(x)
         return x
 
 

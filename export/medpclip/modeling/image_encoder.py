@@ -28,11 +28,11 @@ from .common import MLP, Attention
 class Block(nn.Module):
     """Pre-LN transformer block (CLIP ViT)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -56,9 +56,12 @@ class ImageEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size)
         self.cls_token = nn.Parameter(torch.randn(v.width) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1 + v.grid**2, v.width) * 0.02)
-        self.ln_pre = nn.LayerNorm(v.width)
-        self.blocks = nn.ModuleList(Block(v.width, v.heads, v.mlp_ratio) for _ in range(v.depth))
-        self.ln_post = nn.LayerNorm(v.width)
+        # timm's ViT (BiomedCLIP) has no LayerNorm before the blocks: Identity, no weights
+        self.ln_pre = nn.LayerNorm(v.width, eps=v.ln_eps) if v.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(
+            Block(v.width, v.heads, v.mlp_ratio, v.ln_eps) for _ in range(v.depth)
+        )
+        self.ln_post = nn.LayerNorm(v.width, eps=v.ln_eps)
         self.proj = nn.Linear(v.width, cfg.embed_dim, bias=False)
         # region integration, one gate and projection per prompted block
         self.dense_proj = nn.ModuleList(

@@ -1,4 +1,9 @@
-"""SAM-style mask decoder: a two-way transformer between prompt tokens and patch features."""
+"""SAM-style mask decoder: a two-way transformer between prompt tokens and patch features.
+
+The layout is SAM's (`segment_anything.modeling.mask_decoder`), so SAM ViT-B's decoder imports
+as it is (`medpclip.convert.sam`): its ReLU, half-width cross-attention and four mask tokens are
+config options (`DecoderConfig`). Only the first mask token's output is served (SAM's
+single-mask output); the others still take part in attention, which is why they are kept."""
 
 from __future__ import annotations
 
@@ -12,16 +17,24 @@ from .common import MLP, Attention, FourierPositions, LayerNorm2d
 class TwoWayBlock(nn.Module):
     """Tokens self-attend, tokens read the image, tokens MLP, the image reads the tokens."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, skip_first_pe: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        skip_first_pe: bool,
+        activation: str = "gelu",
+        cross_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.skip_first_pe = skip_first_pe
         self.self_attn = Attention(dim, heads)
         self.norm1 = nn.LayerNorm(dim)
-        self.token_to_image = Attention(dim, heads)
+        self.token_to_image = Attention(dim, heads, inner_dim=cross_dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_dim)
+        self.mlp = MLP(dim, mlp_dim, activation=activation)
         self.norm3 = nn.LayerNorm(dim)
-        self.image_to_token = Attention(dim, heads)
+        self.image_to_token = Attention(dim, heads, inner_dim=cross_dim)
         self.norm4 = nn.LayerNorm(dim)
 
     def forward(self, tokens: Tensor, image: Tensor, token_pe: Tensor, image_pe: Tensor):
@@ -49,10 +62,14 @@ class MaskDecoder(nn.Module):
         self.pe = FourierPositions(dim)
         self.iou_token = nn.Parameter(torch.randn(dim) * 0.02)
         self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)
+        if d.mask_tokens > 1:  # SAM's multimask tokens: in attention, their outputs unused
+            self.extra_mask_tokens = nn.Parameter(torch.randn(d.mask_tokens - 1, dim) * 0.02)
+        cross = dim // d.attention_downsample
         self.blocks = nn.ModuleList(
-            TwoWayBlock(dim, d.heads, d.mlp_dim, skip_first_pe=i == 0) for i in range(d.depth)
+            TwoWayBlock(dim, d.heads, d.mlp_dim, i == 0, d.activation, cross)
+            for i in range(d.depth)
         )
-        self.final_attn = Attention(dim, d.heads)
+        self.final_attn = Attention(dim, d.heads, inner_dim=cross)
         self.final_norm = nn.LayerNorm(dim)
         self.upscale = nn.Sequential(
             nn.ConvTranspose2d(dim, up, kernel_size=2, stride=2),
@@ -61,18 +78,26 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose2d(up, up // 2, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.hypernet = MLP(dim, dim, up // 2, layers=3)
-        self.iou_head = MLP(dim, d.iou_hidden, 1, layers=3)
+        self.hypernet = MLP(dim, dim, up // 2, layers=3, activation=d.activation)
+        self.iou_head = MLP(dim, d.iou_hidden, 1, layers=3, activation=d.activation)
 
     def forward(
         self, patch_features: Tensor, sparse: Tensor, dense: Tensor
     ) -> tuple[Tensor, Tensor]:
         """patch_features [B,P,W], sparse [B,N,C], dense [B,C,g,g]
         -> mask logits [B,4g,4g], iou [B,1]."""
+        return self.decode(self.neck(patch_features), sparse, dense)
+
+    def decode(self, embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder after its neck: image embedding [B,P,C] (SAM's image-encoder output,
+        flattened), sparse [B,N,C], dense [B,C,g,g] -> mask logits [B,4g,4g], iou [B,1]."""
         b, c = dense.shape[0], dense.shape[1]
-        image = self.neck(patch_features) + dense.flatten(2).transpose(1, 2)  # [B,P,C]
+        image = embedding + dense.flatten(2).transpose(1, 2)  # [B,P,C]
         image_pe = self.pe.grid(self.grid).flatten(1).transpose(0, 1)[None]  # [1,P,C]
-        out_tokens = torch.stack([self.iou_token, self.mask_token])[None].expand(b, -1, -1)
+        out = [self.iou_token[None], self.mask_token[None]]
+        if hasattr(self, "extra_mask_tokens"):
+            out.append(self.extra_mask_tokens)
+        out_tokens = torch.cat(out)[None].expand(b, -1, -1)
         tokens = torch.cat([out_tokens, sparse], dim=1)
         token_pe = tokens
         x = tokens

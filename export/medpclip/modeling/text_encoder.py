@@ -1,4 +1,7 @@
-"""BERT-style text tower (post-LN encoder, CLS pooling) projected to the shared space."""
+"""BERT-style text tower (post-LN encoder, CLS pooling) projected to the shared space.
+
+BERT also adds a token-type embedding; every label is one segment (type 0), so an importer
+folds that row into `position_embedding` instead of keeping a parameter that is constant."""
 
 from __future__ import annotations
 
@@ -32,7 +35,14 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList(
             BertLayer(t.width, t.heads, t.mlp_ratio) for _ in range(t.layers)
         )
-        self.proj = nn.Linear(t.width, cfg.embed_dim, bias=False)
+        if t.proj == "mlp":  # open_clip's hf_proj_type "mlp" (BiomedCLIP), same layout
+            self.proj: nn.Module = nn.Sequential(
+                nn.Linear(t.width, t.proj_hidden, bias=False),
+                nn.GELU(),
+                nn.Linear(t.proj_hidden, cfg.embed_dim, bias=False),
+            )
+        else:
+            self.proj = nn.Linear(t.width, cfg.embed_dim, bias=False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask [B,L] int -> L2-normalised embedding [B,D]."""
