@@ -3,12 +3,23 @@
 Each slice (Hounsfield units, int16-exact) has a body outline, an organ, noise and two or three
 findings of different kinds at random places, each with its mask, box and label phrasings. The
 embedded default model is trained and evaluated on these, since no MedP-CLIP weights are public.
+
+    python -m medpclip_tools.phantoms --manifest OUT_DIR --count 300 --seed 0 [--format dicom]
+
+writes phantoms as a fine-tuning manifest (`medpclip_tools.manifest`, `medpclip_tools.finetune`):
+the images (DICOM, or 8-bit PNG in the soft-tissue window), one mask PNG per finding and
+`manifest.jsonl`, one line per finding, prompted in turn by its box, its centre point and its
+mask alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -163,3 +174,98 @@ def to_dicom(p: Phantom, index: int = 0) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# --- phantoms as a fine-tuning manifest ------------------------------------------------------
+
+FORMATS = ("dicom", "png", "mixed")  # mixed: DICOM and PNG in turn
+LABEL_STYLES = ("canonical", "kind")  # the first phrasing, or the bare kind ("nodule")
+PROMPT_CYCLE = ("box", "points", "mask")  # the prompt each finding's line gives, in turn
+
+
+def to_png(p: Phantom) -> bytes:
+    """The slice in the soft-tissue window as an 8-bit greyscale PNG (what a viewer exports)."""
+    from PIL import Image
+
+    from medpclip_core.imaging import pixels_to_image
+
+    display = pixels_to_image(p.hu.astype(np.float32), WINDOW)[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(np.round(display * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_manifest(
+    out: Path, count: int, seed: int, fmt: str = "dicom", labels: str = "canonical"
+) -> Path:
+    """`count` phantoms of `seed` as images, masks and `out/manifest.jsonl`; returns its path.
+    Finding j of image i is prompted by PROMPT_CYCLE[(i + j) % 3]; every line has its mask."""
+    from .evaluate import centre_point
+    from .manifest import mask_png
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if labels not in LABEL_STYLES:
+        raise ValueError(f"labels must be one of {LABEL_STYLES}, got {labels!r}")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, p in enumerate(phantoms(seed, count)):
+        dicom = fmt == "dicom" or (fmt == "mixed" and i % 2 == 0)
+        image = f"images/phantom-{i:05d}.{'dcm' if dicom else 'png'}"
+        (out / image).write_bytes(to_dicom(p, i) if dicom else to_png(p))
+        for j, f in enumerate(p.findings):
+            mask = f"masks/phantom-{i:05d}-{j}.png"
+            (out / mask).write_bytes(mask_png(f.mask))
+            line: dict[str, object] = {
+                "image": image,
+                "label": f.label if labels == "canonical" else f.kind,
+                "mask": mask,
+            }
+            form = PROMPT_CYCLE[(i + j) % len(PROMPT_CYCLE)]
+            if form == "box":
+                line["box"] = list(f.box)
+            elif form == "points":
+                line["points"] = [list(centre_point(f))]
+            lines.append(json.dumps(line))
+    path = out / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m medpclip_tools.phantoms",
+        description="Write phantom CT slices as a fine-tuning manifest (see "
+        "medpclip_tools.manifest): OUT_DIR/images/, OUT_DIR/masks/ (one PNG per finding) and "
+        "OUT_DIR/manifest.jsonl (one line per finding, prompted by its box, its centre point or "
+        "its mask alone, in turn). Synthetic: no patient data.",
+    )
+    ap.add_argument("--manifest", type=Path, required=True, metavar="OUT_DIR")
+    ap.add_argument("--count", type=int, default=300, help="images (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed (default: %(default)s)")
+    ap.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="dicom",
+        help="DICOM files (window in the tags), 8-bit PNG in the soft-tissue window, or both in "
+        "turn (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--labels",
+        choices=LABEL_STYLES,
+        default="canonical",
+        help="each finding's first phrasing ('a dark cyst') or its bare kind ('cyst') "
+        "(default: %(default)s)",
+    )
+    args = ap.parse_args(argv)
+    if args.count < 1:
+        ap.error("--count must be at least 1")
+    path = write_manifest(args.manifest, args.count, args.seed, args.format, args.labels)
+    n = sum(1 for _ in path.open())
+    print(f"wrote {path}: {args.count} images, {n} regions")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
