@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -69,19 +70,20 @@ def build(cfg: ModelConfig, seed: int = 0) -> MedPClip:
         return MedPClip(cfg).eval()
 
 
-def save_checkpoint(model: MedPClip, directory: Path, tokenizer_json: Path) -> Path:
+def save_checkpoint(model: MedPClip, directory: Path, tokenizer_json: Path | Tokenizer) -> Path:
     """Weights, config and tokenizer in `directory`. The tokenizer is written without padding
     or truncation (`tokenizer.save_tokenizer`): the text context length a checkpoint carries is
     its config's `text.context_length` only, whatever the source JSON said."""
-    from tokenizers import Tokenizer
-
     from .tokenizer import save_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "medpclip-v1"})
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    save_tokenizer(Tokenizer.from_file(str(tokenizer_json)), directory / TOKENIZER)
+    tok = tokenizer_json
+    if not isinstance(tok, Tokenizer):
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    save_tokenizer(tok, directory / TOKENIZER)
     return directory
 
 
