@@ -71,8 +71,28 @@ def write_vocab(folder: Path, tokenizer_json: Path) -> Path:
     return path
 
 
-def biomedclip_folder(folder: Path, vocab_from: Path, seed: int = 0) -> Path:
-    """A BiomedCLIP-layout folder with a small random model that open_clip itself built."""
+# BiomedCLIP's own sizes (ViT-B/16 at 224, BERT-base, context 256, 512-d), for measurements
+BASE = {
+    "vision": "vit_base_patch16_224",
+    "embed_dim": 512,
+    "context": 256,
+    "bert": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 512,
+    },
+}
+SMALL = {"vision": VISION_MODEL, "embed_dim": EMBED_DIM, "context": CONTEXT, "bert": BERT}
+
+
+def biomedclip_folder(
+    folder: Path, vocab_from: Path, seed: int = 0, sizes: dict | None = None
+) -> Path:
+    """A BiomedCLIP-layout folder with a random model that open_clip itself built, at `SMALL`
+    sizes (tests) or `BASE` (BiomedCLIP's own; the vocabulary is always `vocab_from`'s)."""
+    sizes = sizes or SMALL
     importable_torchvision()
     import open_clip
     from transformers import BertConfig, BertTokenizerFast
@@ -83,11 +103,11 @@ def biomedclip_folder(folder: Path, vocab_from: Path, seed: int = 0) -> Path:
     tok = BertTokenizerFast(vocab=ids, do_lower_case=True)  # transformers 5: vocab, not a file
     tok.save_pretrained(str(folder))  # tokenizer.json, tokenizer_config.json, special tokens
     vocab_size = len(vocab.read_text().splitlines())
-    BertConfig(vocab_size=vocab_size, **BERT).save_pretrained(str(folder))  # config.json
+    BertConfig(vocab_size=vocab_size, **sizes["bert"]).save_pretrained(str(folder))
     model_cfg = {
-        "embed_dim": EMBED_DIM,
+        "embed_dim": sizes["embed_dim"],
         "vision_cfg": {
-            "timm_model_name": VISION_MODEL,
+            "timm_model_name": sizes["vision"],
             "timm_model_pretrained": False,
             "timm_pool": "",
             "timm_proj": "linear",
@@ -99,7 +119,7 @@ def biomedclip_folder(folder: Path, vocab_from: Path, seed: int = 0) -> Path:
             "hf_model_pretrained": False,
             "hf_proj_type": "mlp",
             "hf_pooler_type": "cls_last_hidden_state_pooler",
-            "context_length": CONTEXT,
+            "context_length": sizes["context"],
         },
     }
     config = {
