@@ -115,7 +115,8 @@ def prepare_data(man: M.Manifest, splits: dict[Path, str], model: MedPClip, tok)
             tokenize(tok, [label], max_labels=1)
         except InputError as exc:
             line = man.first_line_of(label)
-            raise UsageError(f"{man.path.name} line {line}: label: {exc}") from None
+            problem = str(exc).replace("label 0 ", "the label ", 1)
+            raise UsageError(f"{man.path.name} line {line}: {problem}") from None
     images = list(man.images.values())
     transforms, pixels, train, val = [], [], [], []
     for i, img in enumerate(images):
