@@ -16,12 +16,13 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
   echo "setup: Python 3.11 is required (Triton's python backend stub is built for it)" >&2; exit 1; }
 
-# Debian packages: libpython3.11 (the python backend stub links it) and Orthanc with its
-# DICOMweb plugin (the PACS tests start their own Orthanc on free loopback ports).
+# Debian packages: libpython3.11 (the python backend stub links it), Orthanc with its
+# DICOMweb plugin (the PACS tests start their own Orthanc on free loopback ports) and
+# dicom3tools (the PACS tests check every object the bridge writes with its dciodvfy).
 missing=()
 ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing+=(libpython3.11)
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3.11-venv)
-for pkg in orthanc orthanc-dicomweb; do
+for pkg in orthanc orthanc-dicomweb dicom3tools; do
   [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] \
     || missing+=("$pkg")
 done
