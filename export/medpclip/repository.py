@@ -23,6 +23,8 @@ encoders (`tensors.ENCODERS`) do.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -64,6 +66,11 @@ HAND_WRITTEN = ("README.md",)
 KEEP_FILE = ".gitkeep"
 # The served copy's record of what was exported (config, flavour, int8, logit_scale).
 EXPORT_RECORD = "medpclip.json"
+# Model identity (`model_identity`): parameters of the `postprocess` config, the step every
+# scoring ensemble ends with, so that clients (the PACS bridge's DICOM objects) can name the
+# model, config, weights and package that answered, as the server states them.
+MODEL_NAME = "MedP-CLIP"
+IDENTITY_KEYS = ("model_name", "model_config", "checkpoint_sha256", "medpclip_version")
 REGENERATE = "python -m medpclip.repository"
 HEADER = f"# Generated from medpclip_core.tensors by {REGENERATE}: do not edit.\n"
 
@@ -180,6 +187,30 @@ def model_source(spec: T.ModelSpec) -> str:
     )
 
 
+def checkpoint_digest(checkpoint: Path) -> str:
+    """SHA-256 (hex) of the checkpoint's weights file: the same weights give the same digest
+    in every export, other weights another one (config and tokenizer are named separately)."""
+    h = hashlib.sha256()
+    with open(checkpoint / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(checkpoint: Path, cfg: ModelConfig | None = None) -> dict[str, str]:
+    """What the served repository says about the model it serves (`IDENTITY_KEYS`): the model's
+    name, the checkpoint's config name, the weights' SHA-256 and the medpclip package version
+    that exported it."""
+    if cfg is None:
+        cfg = read_checkpoint(checkpoint)[0]
+    return {
+        "model_name": MODEL_NAME,
+        "model_config": cfg.name,
+        "checkpoint_sha256": checkpoint_digest(checkpoint),
+        "medpclip_version": importlib.metadata.version("medpclip"),
+    }
+
+
 def read_checkpoint(checkpoint: Path) -> tuple[ModelConfig, float]:
     """What the generated files take from a checkpoint: its config and its logit scale."""
     cfg = ModelConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
@@ -196,7 +227,8 @@ def source_files(
 
     Every config.pbtxt (the encoders in the onnxruntime flavour), every python-backend model's
     `1/model.py` and a `.gitkeep` in each ensemble's version folder. Depends on the checkpoint
-    only through its dims and logit scale, and on the options only in the encoders' configs."""
+    only through its dims, and through its logit scale and identity (`model_identity`) in
+    postprocess's config, and on the options only in the encoders' configs."""
     cfg, logit_scale = read_checkpoint(checkpoint)
     dims = cfg.dims
     params = {
@@ -215,7 +247,11 @@ def source_files(
             "max_labels": T.MAX_LABELS,
         },
         "tokenizer": {"context_length": dims.L, "max_labels": T.MAX_LABELS},
-        "postprocess": {"image_size": dims.S, "logit_scale": f"{logit_scale:.8g}"},
+        "postprocess": {
+            "image_size": dims.S,
+            "logit_scale": f"{logit_scale:.8g}",
+            **model_identity(checkpoint, cfg),
+        },
     }
     files: dict[str, str] = {}
     for spec in T.ALL_MODELS:
@@ -345,7 +381,13 @@ def generate(
     for name in TOKENIZER_MODELS:
         artifacts[f"{name}/1/{TOKENIZER}"] = checkpoint / TOKENIZER
     files[EXPORT_RECORD] = json.dumps(
-        {"config": cfg.to_dict(), "flavour": flavour, "int8": int8, "logit_scale": logit_scale},
+        {
+            "config": cfg.to_dict(),
+            "flavour": flavour,
+            "int8": int8,
+            "logit_scale": logit_scale,
+            "identity": model_identity(checkpoint, cfg),
+        },
         indent=2,
     )
     write_files(out, files, keep=set(artifacts))
