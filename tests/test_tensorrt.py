@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 from google.protobuf import text_format
@@ -59,15 +60,20 @@ def test_trtexec_script_matches_the_profile(build_dir, model, tmp_path):
     assert '"--timingCacheFile=$DIR/../timing.sm${CC}.cache"' in text
     assert '"--saveEngine=$DIR/model.sm${CC}.plan"' in text and "--skipInference" in text
     kept = te.fp32_layers(onnx)
-    assert any("LayerNormalization" in n for n in kept) and any("Softmax" in n for n in kept)
+    # INormalizationLayer computes in FP32 unpinned; softmax and the embedding norms are kept
+    assert not any("LayerNormalization" in n for n in kept) and any("Softmax" in n for n in kept)
     for flag in ("--layerPrecisions=", "--layerOutputTypes="):
         assert flag + ",".join(f"{n}:fp32" for n in kept) in text
+    # the GPU trtexec builds on is CUDA's device 0 of CUDA_VISIBLE_DEVICES, numbered as
+    # nvidia-smi numbers, not nvidia-smi's GPU 0 whatever CUDA sees
+    assert "export CUDA_DEVICE_ORDER=PCI_BUS_ID" in text and '-i "$GPU"' in text
+    assert "GPU=${CUDA_VISIBLE_DEVICES:-0}" in text and "-i 0" not in text
     fp32 = te.write_trtexec_script(onnx, tmp_path / "fp32", prof, "fp32")
     assert "--fp16" not in fp32.read_text() and "--layerPrecisions" not in fp32.read_text()
     assert te.engine_name("8.9") == "model.sm89.plan"
 
 
-def _register_engines(build_dir, engines, tensorrt=f"{te.TRITON_TENSORRT}.0", ccs=("8.0", "9.0")):
+def _register_engines(build_dir, engines, tensorrt=te.TRITON_TENSORRT, ccs=("8.0", "9.0")):
     """Engine metadata as our builder writes it, beside a placeholder plan. The generator reads
     only the metadata (it never loads a plan), which is what these tests check."""
     for spec in T.ENCODERS:
@@ -129,6 +135,12 @@ def test_both_flavours_share_everything_but_the_encoders(build_dir, model, tmp_p
         assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
 
 
+def _patch_differs(version: str) -> str:
+    """The same major.minor as `version`, another patch: a plan Triton still refuses."""
+    major, minor, patch, *build = version.split(".")
+    return ".".join([major, minor, str(int(patch) + 1), *build])
+
+
 @pytest.mark.parametrize(
     "mismatch, message",
     [
@@ -138,6 +150,11 @@ def test_both_flavours_share_everything_but_the_encoders(build_dir, model, tmp_p
             f"built by TensorRT 8.6.1; Triton {te.TRITON_RELEASE} loads plans of TensorRT "
             f"{te.TRITON_TENSORRT} only",
         ),
+        (
+            "patch",
+            f"built by TensorRT {_patch_differs(te.TRITON_TENSORRT)}; Triton "
+            f"{te.TRITON_RELEASE} loads plans of TensorRT {te.TRITON_TENSORRT} only",
+        ),
         ("missing", "no TensorRT engine for prompt_encoder"),
     ],
 )
@@ -145,6 +162,8 @@ def test_generator_refuses_mismatched_engines(build_dir, tmp_path, mismatch, mes
     engines = tmp_path / "engines"
     if mismatch == "tensorrt":
         _register_engines(build_dir, engines, tensorrt="8.6.1")
+    elif mismatch == "patch":  # major.minor alone let these through before
+        _register_engines(build_dir, engines, tensorrt=_patch_differs(te.TRITON_TENSORRT))
     elif mismatch == "onnx":
         _register_engines(build_dir, engines)
         meta = engines / "image_encoder" / "model.sm80.json"
@@ -172,6 +191,57 @@ def test_tensorrt_export_without_tensorrt_says_where_to_build(build_dir, capsys,
         )
     for spec in T.ENCODERS:  # the by-hand route is written anyway
         assert (out / "engines" / spec.name / "model.trtexec.sh").is_file()
+
+
+def test_engine_reuse_needs_every_build_input_to_match(build_dir, model, tmp_path):
+    """An engine is reused only if GPU, profile, FP32 layers and workspace match too; older
+    metadata (without the newer fields) reads and is then rebuilt, not trusted."""
+    spec = T.MASK_DECODER
+    onnx = build_dir / "onnx" / f"{spec.name}.onnx"
+    prof = {k: [list(s) for s in v] for k, v in te.profile(spec, model.cfg.dims).shapes.items()}
+    fp32 = te.fp32_layers(onnx)
+    meta = te.EngineMeta(
+        model=spec.name,
+        tensorrt=te.TRITON_TENSORRT,
+        gpu="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        precision="fp16",
+        profile=prof,
+        onnx_sha256=te.sha256(onnx),
+        fp32_layers=fp32,
+        workspace_bytes=te.WORKSPACE_BYTES,
+    )
+    path = tmp_path / "model.sm90.json"
+    meta.write(path)
+    read = te.EngineMeta.read(path)
+    assert read == meta
+
+    def why(m, gpu="NVIDIA H100 80GB HBM3", layers=fp32):
+        return te.stale_reason(m, onnx, "fp16", te.TRITON_TENSORRT, gpu, prof, layers)
+
+    assert why(read) is None
+    assert why(read, gpu="NVIDIA H100 NVL") == "built with another GPU"
+    assert why(read, layers=fp32[1:]) == "built with another FP32 layers"
+    assert "built by TensorRT" in why(
+        te.EngineMeta(**{**asdict(meta), "tensorrt": _patch_differs(te.TRITON_TENSORRT)})
+    )
+    old = {k: v for k, v in asdict(meta).items() if k not in ("fp32_layers", "workspace_bytes")}
+    path.write_text(json.dumps({**old, "unknown_field": 1}))
+    assert why(te.EngineMeta.read(path)) == "built with another FP32 layers"
+
+
+def test_gpu_is_found_through_cuda_not_nvidia_smi():
+    """The GPU comes from the CUDA device properties (what Triton reads), so without a CUDA
+    device the export says so instead of asking nvidia-smi about GPU 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        name, cc = te.gpu_identity()
+        props = torch.cuda.get_device_properties(0)
+        assert (name, cc) == (props.name, f"{props.major}.{props.minor}")
+    else:
+        with pytest.raises(te.EngineError, match="no CUDA device visible.*CUDA_VISIBLE_DEVICES"):
+            te.gpu_identity()
 
 
 @needs_tensorrt

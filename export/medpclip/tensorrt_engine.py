@@ -6,8 +6,21 @@ the batch axis and the declared bounds on dynamic axes, one profile per engine, 
 accepts exactly what Triton's dynamic batcher may send.
 
 Engines are GPU-specific. Each `model.sm<cc>.plan` carries a JSON beside it (TensorRT version,
-GPU name, compute capability, precision, profile shapes, sha256 of the ONNX it came from) and a
-`.trtexec.sh` with the equivalent command line, so an operator can rebuild it by hand.
+GPU name, compute capability, precision, the layers kept in FP32, workspace, profile shapes,
+sha256 of the ONNX it came from) and a `.trtexec.sh` with the same build by hand: the same
+profile, flags and FP32 layers (`tensorrt_precision`, one decision for both).
+
+Version: a plan loads only in the TensorRT version that built it, to the build number (TensorRT
+documentation, "Version Compatibility": "By default, TensorRT engines are compatible only with
+the version of TensorRT used to build them"; Triton refuses plans whose patch or build differs,
+e.g. server#317 "expecting library version 5.1.2 got 5.1.5", pytorch/TensorRT#1059). Engines are
+therefore built, and checked, for the full version of Triton's TensorRT (`ngc_images`). The
+alternative, version-compatible engines (BuilderFlag.VERSION_COMPATIBLE, loaded by Triton with
+`--backend-config=tensorrt,version-compatible=true`, tensorrt_backend r25.06 README and
+src/loader.cc), embeds a lean runtime that Triton must trust to run host code, "can be slower
+than engines built for a specific runtime version", and only helps when the build and serve
+images differ, which ours never do: both come from one NGC release (`ngc_images`, checked by
+the tests). So: exact version, no host code in plans, rebuild on a release move.
 
 The builder uses the TensorRT Python API; it runs where `import tensorrt` works (NVIDIA's
 TensorRT/PyTorch containers on the target GPU). Nothing here simulates TensorRT.
@@ -17,39 +30,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import onnx
 
 from medpclip_core import tensors as T
 
+from . import tensorrt_precision
+from .ngc_images import NGC_RELEASE, TRITON_TENSORRT
+
 PRECISIONS = ("fp16", "fp32")
-# The NGC release every image uses (deploy/docker): Triton 25.06 (2.59) is the first with all
-# three gRPC cancellation fixes (server#7840 in 24.12, #8078 for #8034 in 25.04, #8220 in
-# 25.06) and still on CUDA 12.9. Its TensorRT is 10.11, as in NGC PyTorch 25.06 where the
-# engines are built: a plan must be built by the same major.minor.
-TRITON_RELEASE = "25.06"
-TRITON_TENSORRT = "10.11"
-# ONNX ops kept in FP32 in an FP16 engine: normalisation statistics, softmax and the reductions
-# and powers that overflow or lose precision in FP16.
-FP32_ONNX_OPS = frozenset(
-    {
-        "LayerNormalization",
-        "Softmax",
-        "ReduceMean",
-        "ReduceSum",
-        "ReduceL2",
-        "Pow",
-        "Sqrt",
-        "Exp",
-        "Erf",
-    }
-)
+# The NGC release every image uses (deploy/docker, one place: ngc_images): Triton 25.06 (2.59)
+# is the first with all three gRPC cancellation fixes (server#7840 in 24.12, #8078 for #8034 in
+# 25.04, #8220 in 25.06) and still on CUDA 12.9. TRITON_TENSORRT is its full TensorRT version
+# (major.minor.patch.build), the one a plan must be built by.
+TRITON_RELEASE = NGC_RELEASE
 WORKSPACE_BYTES = 4 << 30
 
 
@@ -84,9 +80,9 @@ def profile(spec: T.ModelSpec, dims: T.Dims) -> Profile:
 
 
 def fp32_layers(onnx_path: Path) -> list[str]:
-    """Names of the ONNX nodes (= TensorRT layer names) to keep in FP32."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type in FP32_ONNX_OPS and n.name]
+    """The TensorRT layers an FP16 engine keeps in FP32 (`tensorrt_precision`): the one list
+    both the Python builder and the trtexec script pin."""
+    return tensorrt_precision.select_file(onnx_path).names
 
 
 def engine_name(compute_capability: str) -> str:
@@ -134,20 +130,25 @@ def sha256(path: Path) -> str:
 @dataclass(frozen=True)
 class EngineMeta:
     model: str
-    tensorrt: str
+    tensorrt: str  # full version, e.g. 10.11.0.33: a plan loads in exactly this one
     gpu: str
     compute_capability: str
     precision: str
     profile: dict
     onnx_sha256: str
     built: str = ""
+    fp32_layers: list[str] = field(default_factory=list)  # empty in fp32 engines
+    workspace_bytes: int = 0
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> EngineMeta:
-        return cls(**json.loads(path.read_text()))
+        # keys this version does not know are ignored; missing ones take their defaults, so a
+        # metadata file from an older export reads (and then fails the reuse checks by itself)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
 def check_engine(
@@ -159,7 +160,7 @@ def check_engine(
         problems.append(f"it was built from another ONNX (sha256 {meta.onnx_sha256[:12]})")
     if meta.precision != precision:
         problems.append(f"it is {meta.precision}, {precision} was asked for")
-    if ".".join(meta.tensorrt.split(".")[:2]) != tensorrt:
+    if meta.tensorrt != tensorrt:
         problems.append(
             f"it was built by TensorRT {meta.tensorrt}; Triton {TRITON_RELEASE} "
             f"loads plans of TensorRT {tensorrt} only"
@@ -173,25 +174,48 @@ def check_engine(
         )
 
 
-def gpu_identity() -> tuple[str, str]:
-    """(name, compute capability) of GPU 0, from nvidia-smi."""
-    # nvidia-smi counts GPUs in PCI order; make CUDA (and so TensorRT) count the same way
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+def stale_reason(
+    meta: EngineMeta,
+    onnx_path: Path,
+    precision: str,
+    tensorrt: str,
+    gpu: str,
+    profile_doc: dict,
+    fp32: list[str],
+) -> str | None:
+    """Why an existing engine cannot be reused for this build, or None when it can: everything
+    the build depends on must match, not only what Triton checks."""
     try:
-        line = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
+        check_engine(meta, onnx_path, precision, tensorrt)
+    except EngineError as exc:
+        return str(exc)
+    for what, have, want in (
+        ("GPU", meta.gpu, gpu),
+        ("profile", meta.profile, profile_doc),
+        ("FP32 layers", meta.fp32_layers, fp32),
+        ("workspace", meta.workspace_bytes, WORKSPACE_BYTES),
+    ):
+        if have != want:
+            return f"built with another {what}"
+    return None
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(name, compute capability) of the GPU TensorRT builds on here: CUDA device 0 of those
+    CUDA_VISIBLE_DEVICES leaves, from its CUDA device properties, the numbers Triton's TensorRT
+    backend reads to choose a plan from cc_model_filenames (tensorrt_backend model_state.cc,
+    cudaGetDeviceProperties). nvidia-smi would count every GPU and ignore CUDA_VISIBLE_DEVICES."""
+    import torch  # the export's own dependency; it asks the CUDA runtime, as TensorRT does
+
+    if not torch.cuda.is_available():
         raise EngineError(
-            f"no NVIDIA GPU visible (nvidia-smi: {exc}); TensorRT engines are "
-            "built on the GPU that will run them"
-        ) from None
-    name, cc = (s.strip() for s in line.rsplit(",", 1))
-    return name, cc
+            "no CUDA device visible (torch.cuda.is_available() is False; check the driver, "
+            "CUDA_VISIBLE_DEVICES and that the container has a GPU, e.g. compose's "
+            "`deploy.resources.reservations.devices`); TensorRT engines are built on the GPU "
+            "that will run them"
+        )
+    props = torch.cuda.get_device_properties(0)
+    return props.name, f"{props.major}.{props.minor}"
 
 
 def timing_cache_name(compute_capability: str) -> str:
@@ -208,7 +232,7 @@ def build_engine(
     timing_cache: Path | None = None,
     log=print,
 ) -> Path:
-    """Build (or reuse) the engine of one model for GPU 0 with the TensorRT Python API."""
+    """Build (or reuse) the engine of one model for this GPU with the TensorRT Python API."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -217,27 +241,28 @@ def build_engine(
             f"container {TRITON_RELEASE} on the target GPU (docker compose up export), or run "
             f"the .trtexec.sh written in {out_dir}"
         ) from None
-    if _major_minor(trt) != TRITON_TENSORRT:
+    if trt.__version__ != TRITON_TENSORRT:
         raise EngineError(
             f"TensorRT {trt.__version__} is installed here, but Triton {TRITON_RELEASE} loads "
-            f"plans of TensorRT {TRITON_TENSORRT} only: build in the {TRITON_RELEASE} containers"
+            f"plans of TensorRT {TRITON_TENSORRT} only: build in the {TRITON_RELEASE} containers "
+            "(or, if those carry another TensorRT, correct medpclip/ngc_images.py)"
         )
     gpu, cc = gpu_identity()
     engine = out_dir / engine_name(cc)
     meta_path = engine.with_suffix(".json")
     prof = profile(spec, dims)
     profile_doc = json.loads(json.dumps({k: list(v) for k, v in prof.shapes.items()}))
+    selection = tensorrt_precision.select_file(onnx_path)
+    fp32 = selection.names if precision == "fp16" else []
     timing_cache = timing_cache or out_dir.parent / timing_cache_name(cc)
     write_trtexec_script(onnx_path, out_dir, prof, precision)
     if engine.is_file() and meta_path.is_file():
         meta = EngineMeta.read(meta_path)
-        try:
-            check_engine(meta, onnx_path, precision)
-            if meta.profile == profile_doc:
-                log(f"  {spec.name}: engine up to date ({engine.name}, {gpu}), reusing")
-                return engine
-        except EngineError:
-            pass  # stale: rebuild
+        why = stale_reason(meta, onnx_path, precision, trt.__version__, gpu, profile_doc, fp32)
+        if why is None:
+            log(f"  {spec.name}: engine up to date ({engine.name}, {gpu}), reusing")
+            return engine
+        log(f"  {spec.name}: rebuilding {engine.name}: {why}")
     start = time.perf_counter()
     log(f"  {spec.name}: building {precision} engine for {gpu} (sm {cc}) ...")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -252,7 +277,14 @@ def build_engine(
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        _keep_fp32(trt, network, set(fp32_layers(onnx_path)))
+        pinned, missing = _keep_fp32(trt, network, fp32, spec.name)
+        # the count is the check that the names still reach layers (a silent no-op otherwise)
+        log(f"  {spec.name}: pinned {len(pinned)}/{len(fp32)} to FP32 ({selection.summary()})")
+        if missing:
+            log(
+                f"  {spec.name}: WARNING {len(missing)} FP32 layer name(s) match no TensorRT "
+                f"layer, they run in FP16: {', '.join(missing[:5])}"
+            )
     p = builder.create_optimization_profile()
     for name, (lo, opt, hi) in prof.shapes.items():
         p.set_shape(name, lo, opt, hi)
@@ -278,43 +310,48 @@ def build_engine(
         profile=profile_doc,
         onnx_sha256=sha256(onnx_path),
         built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        fp32_layers=fp32,
+        workspace_bytes=WORKSPACE_BYTES,
     ).write(meta_path)
     log(f"  {spec.name}: built in {time.perf_counter() - start:.0f} s -> {engine}")
     return engine
 
 
-def _keep_fp32(trt, network, names: set[str]) -> None:
-    """Pin the float layers made from FP32_ONNX_OPS nodes to FP32 (precision and output)."""
-    floats = (trt.float32, trt.float16)
+def _keep_fp32(trt, network, names: list[str], model: str) -> tuple[list[str], list[str]]:
+    """Pin the named layers to FP32 (precision and float outputs), by exact name as trtexec's
+    --layerPrecisions does; return (pinned, names that matched no layer)."""
+    wanted = set(names)
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
+    pinned, integer = [], []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.name not in names and layer.name.split("/")[-1] not in FP32_ONNX_OPS:
+        if layer.name not in wanted:
             continue
         inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
         if any(t is not None and t.dtype not in floats for t in inputs):
-            continue  # e.g. a reduction over the int64 attention mask
+            integer.append(layer.name)
+            continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype in floats:
                 layer.set_output_type(j, trt.float32)
-
-
-def _major_minor(trt) -> str:
-    return ".".join(trt.__version__.split(".")[:2])
+        pinned.append(layer.name)
+    if integer:
+        # trtexec would pin these too (exact names) and fail under obey: the ONNX selection
+        # and TensorRT disagree about a type, which must be fixed, not papered over here
+        raise EngineError(
+            f"{model}: layers selected for FP32 have non-float inputs in TensorRT: "
+            f"{', '.join(integer[:5])}; fix medpclip/tensorrt_precision.py's selection"
+        )
+    return pinned, sorted(wanted - set(pinned))
 
 
 def write_trtexec_script(onnx_path: Path, out_dir: Path, prof: Profile, precision: str) -> Path:
     """`<out_dir>/model.trtexec.sh`: the same build by hand, for operators. It names the engine
     and the timing cache after the GPU it runs on, like the Python builder (it writes no
     metadata: the repository generator takes only engines our builder made)."""
-    cmd = trtexec_command(
-        onnx_path.resolve(),
-        Path("ENGINE"),
-        prof,
-        precision,
-        Path("CACHE"),
-        fp32_layers(onnx_path) if precision == "fp16" else None,
-    )
+    fp32 = fp32_layers(onnx_path) if precision == "fp16" else None
+    cmd = trtexec_command(onnx_path.resolve(), Path("ENGINE"), prof, precision, Path("CACHE"), fp32)
     shell = {
         "trtexec": '"$TRTEXEC"',
         "--saveEngine=ENGINE": '"--saveEngine=$DIR/model.sm${CC}.plan"',
@@ -327,9 +364,17 @@ def write_trtexec_script(onnx_path: Path, out_dir: Path, prof: Profile, precisio
         "#!/bin/sh\n"
         f"# Rebuild this engine by hand on the target GPU, with TensorRT {TRITON_TENSORRT} "
         f"(as in Triton {TRITON_RELEASE}).\n"
+        f"# {len(fp32 or [])} layers kept in FP32 (medpclip/tensorrt_precision.py, as the Python "
+        "builder); trtexec logs each 'Set layer ... to precision'.\n"
         "set -e\n"
         'DIR=$(cd "$(dirname "$0")" && pwd)\n'
-        "CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 | tr -d .)\n"
+        "# trtexec builds on CUDA device 0 of CUDA_VISIBLE_DEVICES; number devices by PCI bus, as\n"
+        "# nvidia-smi does, so that both name the same GPU. CC=89 (say) skips the query.\n"
+        "export CUDA_DEVICE_ORDER=PCI_BUS_ID\n"
+        "GPU=${CUDA_VISIBLE_DEVICES:-0}\n"
+        "GPU=${GPU%%,*}\n"
+        'CC=${CC:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i "$GPU")}\n'
+        'CC=$(printf %s "$CC" | tr -d .)\n'
         "TRTEXEC=$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)\n"
         + " \\\n  ".join(lines)
         + "\n"
