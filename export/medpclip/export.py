@@ -137,7 +137,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2000,
         help="dynamic batching: how long a request may wait for others to batch with",
     )
-    p.add_argument("--skip-parity", action="store_true", help="skip the ORT vs PyTorch check")
+    p.add_argument(
+        "--skip-parity",
+        action="store_true",
+        help="skip the ORT vs PyTorch check (and, in the tensorrt flavour, the engines vs ORT one)",
+    )
     return p.parse_args(argv)
 
 
@@ -208,6 +212,10 @@ def export(
     if o.flavour == "tensorrt":
         log(f"[3b] TensorRT engines ({o.precision}) in {engines}")
         _engines(model, onnx_dir, engines, o.precision)
+        if o.skip_parity:
+            log("[3c] TensorRT parity: skipped (--skip-parity); the engines are NOT checked")
+        else:
+            _engine_parity(model, checkpoint, onnx_dir, engines, log)
 
     log("[4/4] Triton model repository")
     try:
@@ -273,6 +281,46 @@ def _engines(model: MedPClip, onnx_dir: Path, engines: Path, precision: str) -> 
                 precision,
             )
         raise ExportError(str(exc)) from exc
+
+
+def _engine_parity(
+    model: MedPClip,
+    checkpoint: Path,
+    onnx_dir: Path,
+    engines: Path,
+    log: Callable[[str], object],
+) -> None:
+    """No repository serves engines that differ from ONNX Runtime: each engine built for this GPU
+    runs the random and real inputs of the ONNX parity check (tensorrt_parity's limits)."""
+    from . import tensorrt_parity
+
+    log(
+        f"[3c] TensorRT parity, engines vs ONNX Runtime (cosine >= {tensorrt_parity.COSINE_MIN} "
+        f"per row, |diff| <= {tensorrt_parity.SCALAR_ATOL:g} for scalars)"
+    )
+    feeds = {
+        "random": {n: ex.sample_inputs(model.cfg) for n, ex in onnx_export.EXPORTABLES.items()},
+        "real": real_inputs(model, checkpoint / "tokenizer.json"),
+    }
+    try:
+        _, cc = trt_engine.gpu_identity()
+        checks = tensorrt_parity.check_engines(engines, onnx_dir, feeds, log=log)
+    except trt_engine.EngineError as exc:
+        raise ExportError(str(exc)) from exc
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        # without its metadata the generator refuses the plan and the next export rebuilds it;
+        # the plan stays for `python -m medpclip_tools.tensorrt_parity` to look at
+        for name in sorted({c.model for c in failed}):
+            (engines / name / trt_engine.engine_name(cc)).with_suffix(".json").unlink(
+                missing_ok=True
+            )
+        raise ExportError(
+            "TensorRT engines differ from ONNX Runtime beyond the limits ("
+            + "; ".join(f"{c.model}.{c.output} {c.inputs} {c.kind} {c.value:.4g}" for c in failed)
+            + "); no repository written. Inspect with python -m medpclip_tools.tensorrt_parity, "
+            "or build full-precision engines with --precision fp32"
+        )
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
