@@ -1,6 +1,7 @@
-# The `export` service: runs our export on the target GPU (ONNX -> TensorRT engines -> Triton
-# repository). NGC PyTorch 25.06 ships TensorRT 10.11, the version Triton 25.06 loads plans of:
-# the two tags move together (tensorrt_engine.TRITON_RELEASE, tests/test_compose.py).
+# The `export` service: runs our export on the target GPU (ONNX -> TensorRT engines -> parity
+# against ONNX Runtime -> Triton repository). NGC PyTorch 25.06 ships TensorRT 10.11.0.33, the
+# version Triton 25.06 loads plans of (to the build number): both images are named in one place,
+# export/medpclip/ngc_images.py, and the tests check this FROM line against it.
 FROM nvcr.io/nvidia/pytorch:25.06-py3
 WORKDIR /src
 COPY deploy/docker/requirements-export.txt /tmp/requirements-export.txt

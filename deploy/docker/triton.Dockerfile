@@ -1,4 +1,5 @@
-# The `triton` service: NGC Triton 25.06 (2.59, TensorRT 10.11, Python 3.12) plus what our
+# The `triton` service: NGC Triton 25.06 (2.59, TensorRT 10.11.0.33, Python 3.12; the image is
+# named in export/medpclip/ngc_images.py with the export's, checked by the tests) plus what our
 # python-backend models import (medpclip_core: preprocessing, tokenizer, ONNX Runtime for the CPU
 # flavour)
 # and the launcher (`python3 -m medpclip_tools.serve`): the gateway on the public ports, Triton on
