@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import time
@@ -139,6 +140,15 @@ class Orthanc:
         stats = self.get("/statistics")
         assert isinstance(stats, dict)
         return int(stats["CountInstances"])
+
+
+def admin_key(directory: Path) -> Path:
+    """A key file for the launcher's --admin-key-file (and the bridge's key: the PACS bridge
+    reads the served model's identity, an admin method behind the gateway)."""
+    path = directory / "admin.key"
+    path.write_text("pacs-tests-admin-" + os.urandom(16).hex() + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def part10(ds) -> bytes:

@@ -14,6 +14,7 @@ import pytest
 from orthanc import (
     JPEG_XL_LOSSLESS,
     Orthanc,
+    admin_key,
     conformant_ct,
     free_port,
     missing,
@@ -71,11 +72,18 @@ def truncated_jpeg(data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def triton_url(tmp_path_factory):
-    """The embedded default model (meaningful labels), served by a real tritonserver."""
+    """The embedded default model (meaningful labels), served by a real tritonserver behind
+    its gateway with an admin key. The bridge reads the served model's identity from its
+    model configuration, an admin method there: every `medpclip-pacs` (and client) of this
+    module presents the admin key through MEDPCLIP_API_KEY_FILE."""
     out = tmp_path_factory.mktemp("pacs_model")
     export.export(checkpoint=export.DEFAULT_CHECKPOINT, out=out)
-    with ServeProcess(out / "model_repository") as server:
-        yield server.grpc_url
+    key = admin_key(out)
+    with ServeProcess(out / "model_repository", args=[f"--admin-key-file={key}"]) as server:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("MEDPCLIP_API_KEY_FILE", str(key))
+            env.setenv("MEDPCLIP_API_KEY", key.read_text().strip())
+            yield server.grpc_url
 
 
 @pytest.fixture(scope="module")
@@ -187,15 +195,17 @@ def test_run_stores_sr_and_seg_matching_the_served_answer(archive, triton_url, c
     assert abs(values[codes.DCM.Probability.meaning] - prob) <= 1e-6
     assert abs(values["Whole-image probability of finding"] - image_prob) <= 1e-6
     assert abs(values["Predicted mask IoU"] - ref.iou) <= 1e-6
-    assert group.roi.graphic_type.value == "POINT"
-    np.testing.assert_allclose(group.roi.value, [[x, y]])
-    source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
-    assert source.ReferencedSOPInstanceUID == instance
     texts = [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
     assert label in texts  # the free-text label
+    # the point is kept as the prompt (a seed point on the source image) ...
+    assert [p.value.tolist() for p in _prompts(group, "128139", "POINT", instance)] == [[[x, y]]]
+    # ... and the region is the predicted one: the SEG frame of the finding's segment
+    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
+    assert _segment_of(group, seg_ds, instance) == 1
+    assert seg_ds.SegmentSequence[0].TrackingUID == group.tracking_uid  # linked both ways
+    assert _evidence(sr_ds) >= {instance, answer["seg"]["instance"]}  # the header lists both
 
     # --- SEG ---
-    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
     seg = hd.seg.Segmentation.from_dataset(seg_ds)
     assert (study, series, instance) in seg.get_source_image_uids()
     assert seg_ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == concept.value
@@ -205,11 +215,59 @@ def test_run_stores_sr_and_seg_matching_the_served_answer(archive, triton_url, c
     np.testing.assert_array_equal(pixels[0, :, :, 0].astype(bool), served)
 
 
+def _prompts(group, code: str, graphic_type: str, instance: str) -> list:
+    """The group's prompt SCOORDs (concept `code`, e.g. DCM 128139 "Seed point"), each
+    checked to be of `graphic_type` and drawn on `instance`."""
+    import highdicom as hd
+
+    items = [
+        hd.sr.ScoordContentItem.from_dataset(i)
+        for i in group[0].ContentSequence
+        if i.ValueType == "SCOORD" and i.ConceptNameCodeSequence[0].CodeValue == code
+    ]
+    for item in items:
+        assert item.graphic_type.value == graphic_type
+        assert item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            instance
+        )
+    return items
+
+
+def _segment_of(group, seg_ds, instance: str) -> int:
+    """The segment number of the SEG frame the group's ROI references (TID 1410 "Referenced
+    Segmentation Frame"), after checking that it is `seg_ds`'s and derived from `instance`."""
+    from pydicom.sr.codedict import codes
+
+    assert group.reference_type == codes.DCM.ReferencedSegmentationFrame
+    frame_item, source_item = group.referenced_segmentation_frame
+    ref = frame_item.ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == seg_ds.SOPInstanceUID
+    assert "ReferencedSegmentNumber" not in ref  # a frame OR segments (PS3.3 C.18.4)
+    assert source_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == instance
+    frame = seg_ds.PerFrameFunctionalGroupsSequence[int(ref.ReferencedFrameNumber) - 1]
+    ids = frame.get("SegmentIdentificationSequence") or (
+        seg_ds.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+    )
+    return int(ids[0].ReferencedSegmentNumber)
+
+
+def _evidence(sr_ds) -> set[str]:
+    """The SOP instances an SR's header lists as evidence."""
+    return {
+        sop.ReferencedSOPInstanceUID
+        for study in sr_ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
 def test_run_box_on_a_real_ct_stores_only_the_sr(archive, triton_url, capsys):
     import highdicom as hd
 
+    from medpclip_client.pacs.geometry import outline
+
     orthanc, uids, _ = archive
-    study, _, instance, _ = uids["CT_small"]
+    study, _, instance, data = uids["CT_small"]
     before = orthanc.count_instances()
     code, out, err = _run(
         capsys,
@@ -234,13 +292,18 @@ def test_run_box_on_a_real_ct_stores_only_the_sr(archive, triton_url, capsys):
         _wado(orthanc).retrieve_instance(study, answer["sr"]["series"], answer["sr"]["instance"])
     )
     (group,) = sr.content.get_planar_roi_measurement_groups()
+    # without a SEG the region is the outline of the served mask (a closed polygon) ...
+    with MedPClipClient(triton_url) as client:
+        served = client.infer(data, Region(box=(20, 30, 90, 100)), ["a lung nodule", "a vertebra"])
+    assert served.mask.any()
     assert group.roi.graphic_type.value == "POLYLINE"
-    np.testing.assert_allclose(
-        group.roi.value, [[20, 30], [90, 30], [90, 100], [20, 100], [20, 30]]
-    )
+    np.testing.assert_allclose(group.roi.value, outline(served.mask))
     assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
         instance
     )
+    # ... and the box is kept as the prompt
+    (box,) = _prompts(group, "PROMPT", "POLYLINE", instance)
+    np.testing.assert_allclose(box.value, [[20, 30], [90, 30], [90, 100], [20, 100], [20, 30]])
 
 
 def test_run_two_regions_one_encode_one_stow(archive, triton_url, capsys, monkeypatch):
@@ -305,10 +368,14 @@ def test_run_two_regions_one_encode_one_stow(archive, triton_url, capsys, monkey
     )
     groups = sr.content.get_planar_roi_measurement_groups()
     assert len(groups) == 2
+    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
     x0, y0, x1, y1 = box
-    outlines = [[[x, y]], [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-    for i, (group, ref, outline, got) in enumerate(
-        zip(groups, want, outlines, answer["regions"], strict=True), 1
+    prompts = [
+        ("128139", "POINT", [[x, y]]),
+        ("PROMPT", "POLYLINE", [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
+    ]
+    for i, (group, ref, (code, kind, prompt), got) in enumerate(
+        zip(groups, want, prompts, answer["regions"], strict=True), 1
     ):
         label, prob, image_prob = ref.top(1)[0]
         assert got["label"] == label and abs(got["probability"] - prob) <= 1e-4
@@ -318,12 +385,12 @@ def test_run_two_regions_one_encode_one_stow(archive, triton_url, capsys, monkey
         assert abs(values[codes.DCM.Probability.meaning] - prob) <= 1e-4
         assert abs(values["Whole-image probability of finding"] - image_prob) <= 1e-4
         assert abs(values["Predicted mask IoU"] - ref.iou) <= 1e-4
-        np.testing.assert_allclose(group.roi.value, outline)
-        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
-        assert source.ReferencedSOPInstanceUID == instance
+        (item,) = _prompts(group, code, kind, instance)
+        np.testing.assert_allclose(item.value, prompt)
+        assert _segment_of(group, seg_ds, instance) == i  # region i is segment i
+        assert seg_ds.SegmentSequence[i - 1].TrackingUID == group.tracking_uid
     assert len({g.tracking_uid for g in groups}) == 2
 
-    seg_ds = wado.retrieve_instance(study, answer["seg"]["series"], answer["seg"]["instance"])
     seg = hd.seg.Segmentation.from_dataset(seg_ds)
     assert [s.SegmentNumber for s in seg_ds.SegmentSequence] == [1, 2]
     pixels = seg.get_pixels_by_source_instance([instance], segment_numbers=[1, 2])

@@ -15,6 +15,10 @@ Needs the `pacs` extra (dicomweb-client, highdicom, requests). Command line: `me
 Several regions of an instance (encoded once; one SR with a measurement group per region)::
 
     Request(labels=..., regions=(RegionPrompt(points=((62, 70),)), RegionPrompt(box=(1, 2, 6, 8))))
+
+The SR and SEG name the served model as the server states it (`Bridge.model_identity`, read
+from the server's model configuration: behind the medpclip gateway, pass the admin key as
+``client_options={"api_key": ...}``).
 """
 
 from .bridge import (
@@ -28,7 +32,16 @@ from .bridge import (
     validate,
 )
 from .dicomweb import DicomWeb, ErrorKind, InstanceRef, PacsError, StoreResult
-from .reports import LOCAL_SCHEME, Finding, Graphic, build_seg, build_sr, label_concept
+from .reports import (
+    LOCAL_SCHEME,
+    Finding,
+    Graphic,
+    ModelIdentity,
+    build_reports,
+    build_seg,
+    build_sr,
+    label_concept,
+)
 
 __all__ = [
     "LOCAL_SCHEME",
@@ -38,6 +51,7 @@ __all__ = [
     "Finding",
     "Graphic",
     "InstanceRef",
+    "ModelIdentity",
     "Outcome",
     "PacsError",
     "QuerySummary",
@@ -45,6 +59,7 @@ __all__ = [
     "Request",
     "StateFile",
     "StoreResult",
+    "build_reports",
     "build_seg",
     "build_sr",
     "is_non_image",

@@ -3,30 +3,36 @@ back (STOW-RS) as an SR and, on request, a SEG.
 
 Order of work, and why:
 
+0. ask the inference server which model it serves (once per bridge): every SR and SEG names
+   the model, its config and the SHA-256 of its weights as the server states them;
 1. fetch the instance in its stored transfer syntax;
 2. validate it BEFORE any inference: an image SOP class, pixel data present and not cut short,
-   a single frame, pixel data the installed decoders read, decoded as the server decodes it
-   (`imaging.decode_pixel_data`: GDCM for 12-bit JPEG; else the archive is asked once to
-   transcode to Explicit VR Little Endian), and, when a mask is wanted, that a SEG can reference
-   it (a dry run of highdicom). Refusals cost no inference and store nothing;
+   a single frame or the frame asked for, pixel data the installed decoders read, decoded as
+   the server decodes it (`imaging.decode_pixel_data`: GDCM for 12-bit JPEG; else the archive
+   is asked once to transcode to Explicit VR Little Endian), and, when a mask is wanted, that a
+   SEG can reference it (a dry run of highdicom). Refusals cost no inference and store nothing;
 3. infer through `MedPClipClient` with the instance's Part 10 bytes (the server decodes them
-   exactly as for any other DICOM client); several regions of the instance use one session
+   exactly as for any other DICOM client; a frame of a multi-frame instance is decoded here,
+   as the server decodes only the first); several regions of the instance use one session
    (`MedPClipClient.session`): the instance is uploaded and encoded once, then each region is
    one call with the encoded image;
-4. build the SR (+ SEG) completely in memory, then STOW them in ONE request, so that a failure
-   at any step leaves nothing half-written in the archive. Several regions make one SR with
-   one measurement group per region (and one SEG with one segment per region), not one
-   report per region: one analysis of one instance is one report, stored or not as a whole.
+4. build the SEG and the SR that references it completely in memory, then STOW them in ONE
+   request, so that a failure at any step leaves nothing half-written in the archive. Several
+   regions make one SR with one measurement group per region (and one SEG with one segment
+   per region), not one report per region: one analysis of one instance is one report, stored
+   or not as a whole.
 
-Query mode searches with QIDO-RS filters and runs step 1-4 per instance on a bounded worker pool
+Query mode searches with QIDO-RS filters and runs steps 1-4 per instance on a bounded worker pool
 (at most `concurrency` instances, hence requests, in flight), recording each stored instance in
 a JSON-lines state file right after its store, so that a rerun skips what is done.
 
-Nothing here logs patient attributes; messages name instances by UID.
+Nothing here logs patient attributes; messages name instances by UID, and library messages
+that may quote attribute values are redacted (`reports.redact`, `reports.quiet_libraries`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -46,6 +52,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import UID
 
+from medpclip_core.dicom import local_request
 from medpclip_core.imaging import (
     InputError,
     check_pixel_data,
@@ -55,7 +62,16 @@ from medpclip_core.imaging import (
 
 from ..client import DEFAULT_URL, MedPClipClient, MedPClipError, Region, Result
 from .dicomweb import EXPLICIT_LE, DicomWeb, ErrorKind, InstanceRef, PacsError
-from .reports import Finding, build_seg, build_sr, check_seg_possible, region_graphic
+from .reports import (
+    Finding,
+    ModelIdentity,
+    build_reports,
+    check_seg_possible,
+    mask_outline,
+    quiet_libraries,
+    redact,
+    region_graphic,
+)
 
 __all__ = [
     "Bridge",
@@ -113,15 +129,27 @@ def is_non_image(sop_class: str | None, modality: str | None = None) -> bool:
 # --- the request ------------------------------------------------------------------------------
 
 
+def _mask_digest(mask: np.ndarray | None) -> str | None:
+    """A short, stable text of a prompt mask for fingerprints (its region, not its dtype)."""
+    if mask is None:
+        return None
+    m = np.ascontiguousarray(np.asarray(mask) != 0)
+    return hashlib.sha256(repr(m.shape).encode() + np.packbits(m).tobytes()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class RegionPrompt:
     """One region of a request in original image pixels (x = column, y = row): foreground
-    points, or a box, or neither (the whole image). The SR draws it as its SCOORD."""
+    points, or a box, or a mask (rows x columns of the image, nonzero = region), or none of
+    them (the whole image). The SR keeps it as the region's prompt."""
 
     points: tuple[tuple[float, float], ...] | None = None
     box: tuple[float, float, float, float] | None = None  # given both, the box is used
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # before both
 
     def region(self) -> Region | None:
+        if self.mask is not None:
+            return Region(mask=np.asarray(self.mask))
         if self.box is not None:
             return Region(box=self.box)
         if self.points:
@@ -129,20 +157,29 @@ class RegionPrompt:
         return None
 
     def describe(self) -> str:
+        if self.mask is not None:
+            return f"mask of {int(np.count_nonzero(self.mask))} px"
         if self.box is not None:
             return "box " + ",".join(f"{v:g}" for v in self.box)
         if self.points:
             return " ".join("point " + ",".join(f"{v:g}" for v in p) for p in self.points)
         return "whole image"
 
+    def fingerprint(self) -> list[object]:
+        return [self.points, self.box] + (
+            [_mask_digest(self.mask)] if self.mask is not None else []
+        )
+
 
 @dataclass(frozen=True)
 class Request:
     """What to ask about every instance: candidate labels, the region prompt in original image
-    pixels (x = column, y = row; points, or a box, or neither = the whole image), an optional
-    display window, and whether to store the mask as a SEG.
+    pixels (x = column, y = row; points, or a box, or a mask, or none = the whole image), an
+    optional display window, whether to store the mask as a SEG, and for multi-frame instances
+    which frame to read (`frame`, 1-based as DICOM numbers frames; single-frame instances take
+    None or 1).
 
-    Several regions: `regions` (then `points` and `box` stay None); each becomes one
+    Several regions: `regions` (then `points`, `box` and `mask` stay None); each becomes one
     measurement group of the one SR (and one segment of the one SEG), and the instance is
     encoded once for all of them."""
 
@@ -152,27 +189,35 @@ class Request:
     mask_out: bool = False
     window: tuple[float, float] | None = None
     regions: tuple[RegionPrompt, ...] = ()
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    frame: int | None = None
 
     def __post_init__(self) -> None:
-        if self.regions and (self.points or self.box is not None):
-            raise ValueError("give points/box (one region) or regions, not both")
+        if self.regions and (self.points or self.box is not None or self.mask is not None):
+            raise ValueError("give points/box/mask (one region) or regions, not both")
+        if self.frame is not None and self.frame < 1:
+            raise ValueError("frames are numbered from 1")
 
     def prompts(self) -> tuple[RegionPrompt, ...]:
         """The regions, in order (one for a single-region request)."""
-        return self.regions or (RegionPrompt(self.points, self.box),)
+        return self.regions or (RegionPrompt(self.points, self.box, self.mask),)
 
     def region(self) -> Region | None:
         """The client `Region` of a single-region request."""
-        if self.regions:
+        if len(self.prompts()) > 1:
             raise ValueError("a request of several regions has no single region")
-        return RegionPrompt(self.points, self.box).region()
+        return self.prompts()[0].region()
 
     def fingerprint(self) -> str:
         """A stable text of the request, seeding deterministic report UIDs (a single-region
-        request's is what it always was)."""
+        request without a mask or frame has the fingerprint it always had)."""
         parts: list[object] = [list(self.labels), self.points, self.box, self.mask_out, self.window]
         if self.regions:
-            parts.append([[r.points, r.box] for r in self.regions])
+            parts.append([r.fingerprint() for r in self.regions])
+        if self.mask is not None:
+            parts.append({"mask": _mask_digest(self.mask)})
+        if self.frame is not None:
+            parts.append({"frame": self.frame})
         return json.dumps(parts, separators=(",", ":"))
 
     def key(self) -> str:
@@ -183,7 +228,8 @@ class Request:
 @dataclass
 class Outcome:
     """One processed instance: the finding (the first region's) and the UIDs of what was
-    stored; `findings` and `mask_areas` hold every region's, in order."""
+    stored; `findings` and `mask_areas` hold every region's, in order; `model` is the served
+    model the objects name, `frame` the frame read of a multi-frame instance."""
 
     source: InstanceRef
     finding: Finding
@@ -194,6 +240,8 @@ class Outcome:
     mask_area: int
     findings: list[Finding] = field(default_factory=list)
     mask_areas: list[int] = field(default_factory=list)
+    model: ModelIdentity | None = None
+    frame: int | None = None
 
     def __post_init__(self) -> None:
         if not self.findings:
@@ -228,6 +276,11 @@ class Outcome:
             }
         else:
             found = self._finding_json(self.finding, self.mask_area)
+        extra: dict[str, object] = {}
+        if self.frame is not None:
+            extra["frame"] = self.frame
+        if self.model is not None:
+            extra["model"] = self.model.parameters
         return {
             **where,
             **found,
@@ -235,6 +288,7 @@ class Outcome:
             "seg": None
             if self.seg_uid is None
             else {"instance": self.seg_uid, "series": self.seg_series_uid},
+            **extra,
         }
 
 
@@ -335,14 +389,28 @@ def validate(ds: Dataset, ref: InstanceRef, request: Request) -> None:
             ErrorKind.REFUSED,
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
+    if frames > 1 and request.frame is None:
         raise PacsError(
-            f"instance {ref.instance} has {frames} frames; the bridge reports on single-frame "
-            "images only (the SR and SEG would have to say which frame was read)",
+            f"instance {ref.instance} has {frames} frames: say which one to read with --frame N "
+            f"(1..{frames}); the SR and SEG name it",
             ErrorKind.REFUSED,
         )
+    if (request.frame or 1) > frames:
+        raise PacsError(
+            f"instance {ref.instance} has {frames} frame(s), not frame {request.frame}",
+            ErrorKind.REFUSED,
+        )
+    for i, prompt in enumerate(request.prompts(), 1):
+        if prompt.mask is not None and np.shape(prompt.mask) != (rows, columns):
+            shape = "x".join(str(v) for v in np.shape(prompt.mask)[::-1])
+            raise PacsError(
+                f"the prompt mask{f' of region {i}' if len(request.prompts()) > 1 else ''} is "
+                f"{shape} pixels but instance {ref.instance} is {columns}x{rows}: a mask must "
+                "have the image's size",
+                ErrorKind.REFUSED,
+            )
     if request.mask_out:
-        reason = check_seg_possible(ds)
+        reason = check_seg_possible(ds, request.frame if frames > 1 else None)
         if reason is not None:
             raise PacsError(
                 f"a DICOM SEG cannot reference instance {ref.instance}: {reason.rstrip('.')}; "
@@ -352,9 +420,11 @@ def validate(ds: Dataset, ref: InstanceRef, request: Request) -> None:
 
 
 def _part10(ds: Dataset) -> bytes:
-    """The dataset as a DICOM Part 10 file, the form the server decodes."""
+    """The dataset as a DICOM Part 10 file, the form the server decodes (pydicom's warnings
+    about the values it writes are withheld: they quote them)."""
     buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with quiet_libraries():
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
 
 
@@ -384,6 +454,8 @@ class Bridge:
         self._local = threading.local()
         self._clients: list[MedPClipClient] = []
         self._lock = threading.Lock()
+        self._identity: ModelIdentity | None = None
+        self._identity_lock = threading.Lock()  # one question to the server, not one per thread
 
     def close(self) -> None:
         with self._lock:
@@ -410,6 +482,38 @@ class Bridge:
             with self._lock:
                 self._clients.append(client)
         return client
+
+    def model_identity(self) -> ModelIdentity:
+        """Step 0: the served model as the server states it (asked once, then remembered).
+        PacsError DENIED when the server will not say (behind the medpclip gateway a model
+        configuration is an admin method), OTHER when its repository does not name it."""
+        with self._identity_lock:
+            if self._identity is None:
+                try:
+                    params = self._client().model_identity()
+                except MedPClipError as exc:
+                    if exc.denied:
+                        raise PacsError(
+                            f"the inference server at {self.triton_url} did not say which model "
+                            f"it serves ({exc.message}): the SR and SEG must name it, and the "
+                            "medpclip gateway answers model configurations to its admin key "
+                            "only; give the bridge that key with --api-key-file (it also "
+                            "serves inference)",
+                            ErrorKind.DENIED,
+                        ) from None
+                    raise self._inference_error(exc, None) from None
+                try:
+                    self._identity = ModelIdentity.from_server(params)
+                except ValueError as exc:
+                    raise PacsError(f"the inference server at {self.triton_url}: {exc}") from None
+                LOG.info(
+                    "model: %s %s, weights sha256 %s, medpclip %s",
+                    self._identity.name,
+                    self._identity.config,
+                    self._identity.checkpoint_sha256,
+                    self._identity.version,
+                )
+            return self._identity
 
     def _inference_error(self, exc: MedPClipError, ref: InstanceRef | None) -> PacsError:
         where = f" for instance {ref.instance}" if ref else ""
@@ -466,12 +570,20 @@ class Bridge:
             ErrorKind.REFUSED,
         )
 
+    @staticmethod
+    def _image(data: bytes, request: Request) -> tuple[bytes | np.ndarray, Any]:
+        """What the server is sent, and the window: the Part 10 bytes (the server decodes them
+        as it decodes any DICOM file), or for a frame of a multi-frame instance that frame
+        decoded here (the server decodes only the first frame of a file)."""
+        if request.frame is None:
+            return data, request.window
+        return local_request(data, request.frame - 1, request.window)
+
     def infer(self, data: bytes, ref: InstanceRef, request: Request) -> Result:
         """Step 3 for a single-region request."""
         try:
-            return self._client().infer(
-                data, request.region(), list(request.labels), request.window
-            )
+            image, window = self._image(data, request)
+            return self._client().infer(image, request.region(), list(request.labels), window)
         except MedPClipError as exc:
             raise self._inference_error(exc, ref) from None
         except InputError as exc:
@@ -488,7 +600,8 @@ class Bridge:
         results: list[Result] = []
         where = ""
         try:
-            with self._client().session(data, request.window) as session:
+            image, window = self._image(data, request)
+            with self._client().session(image, window) as session:
                 for i, prompt in enumerate(prompts, 1):
                     where = f" (region {i}: {prompt.describe()})"
                     results.append(session.infer(prompt.region(), list(request.labels)))
@@ -511,7 +624,12 @@ class Bridge:
         """
         if not request.labels:
             raise PacsError("at least one label is needed to name the finding", ErrorKind.REFUSED)
+        identity = self.model_identity()
         ds = self.fetch(ref, request)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = request.frame if frames > 1 else None
+        if request.frame is not None and frame is None:  # frame 1 of a single-frame instance
+            request = dataclasses.replace(request, frame=None)
         results = self.infer_all(_part10(ds), ref, request)
         rows, columns = int(ds.Rows), int(ds.Columns)
         findings: list[Finding] = []
@@ -532,25 +650,24 @@ class Bridge:
                     probability=probability,
                     image_probability=image_probability,
                     iou=result.iou,
-                    graphic=region_graphic(prompt.points, prompt.box, rows, columns),
+                    graphic=region_graphic(prompt.points, prompt.box, rows, columns, prompt.mask),
+                    outline=mask_outline(result.mask),
+                    prompted=prompt.region() is not None,
                 )
             )
-        several = len(findings) > 1
         try:
-            sr = build_sr(ds, findings if several else findings[0], uid_seed)
-            seg = None
-            if request.mask_out:
-                masks = [r.mask for r in results]
-                labels = [f.label for f in findings]
-                seg = (
-                    build_seg(ds, masks, labels, uid_seed)
-                    if several
-                    else build_seg(ds, masks[0], labels[0], uid_seed)
-                )
+            sr, seg = build_reports(
+                ds,
+                findings,
+                identity,
+                masks=[r.mask for r in results] if request.mask_out else None,
+                uid_seed=uid_seed,
+                frame=frame,
+            )
         except Exception as exc:  # noqa: BLE001 - highdicom raises several types
             raise PacsError(
                 f"could not build the DICOM report for instance {ref.instance}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {redact(str(exc))}"
             ) from None
         objects = [sr] if seg is None else [sr, seg]
         stored = self.pacs.store(objects)
@@ -576,6 +693,8 @@ class Bridge:
             mask_area=areas[0],
             findings=findings,
             mask_areas=areas,
+            model=identity,
+            frame=frame,
         )
 
     # --- query mode ---------------------------------------------------------------------------

@@ -58,18 +58,24 @@ EXIT_UNREACHABLE = EXIT_UNAVAILABLE
 DESCRIPTION = """\
 Fetch DICOM instances from a DICOMweb archive (WADO-RS), ask a MedP-CLIP Triton server which
 candidate label fits a region, and store the answer back (STOW-RS) as a DICOM Comprehensive 3D
-SR (TID 1500 measurement report: finding label, its probability, the region as image
-coordinates, a reference to the source) and, with --mask-out, a DICOM SEG of the mask. The SR
-and SEG go to the archive in one request: on any error nothing is stored. Several regions of an
-instance are answered with one encoding of it and stored as one SR with one measurement group
-per region (and one SEG with one segment per region)."""
+SR (TID 1500 measurement report: finding label, its probability, the predicted region, the
+prompt, a reference to the source) and, with --mask-out, a DICOM SEG of the mask, which the SR
+references. The SR and SEG go to the archive in one request: on any error nothing is stored.
+Several regions of an instance are answered with one encoding of it and stored as one SR with
+one measurement group per region (and one SEG with one segment per region). Every object
+names the served model (name, config, SHA-256 of its weights, version) as the server states
+it."""
 
 REGION_NOTES = """\
-  `run` needs --point, --box or --region; `query` applies them to every instance (without
-  one the whole image is scored and the SR's region is the image outline). Give one kind of
-  the three (each may repeat: several --box or --region are several regions). Each region
-  is drawn in the SR from its points or its box, not both, and from foreground points only
-  (LABEL 1).
+  `run` needs --point, --box, --region or --mask; `query` applies --point, --box or --region
+  to every instance (without one the whole image is scored). Give one kind (each may repeat:
+  several --point are one region, several --box or --region several regions). Each region is
+  prompted by foreground points (LABEL 1), or a box, or a mask, not a mix: the SR keeps the
+  prompt as it was given (points as seed points) beside the predicted region (the SEG
+  segment with --mask-out, else the outline of the served mask).
+  --mask PNG (run): a mask of the instance's size, any nonzero pixel marks the region.
+  --frame N: the frame (1-based) to read of a multi-frame instance (required for one; the SR
+  and SEG name it); single-frame instances take 1.
 """
 
 REGIONS_NOTES = """\
@@ -103,7 +109,13 @@ DICOMweb:
 
 {CONNECTION_EPILOG}
 {exit_codes_help(QUERY_EXIT_NOTES)}
-No patient attributes are printed or logged; instances are named by UID.
+Model identity: the bridge asks the server which model it serves (the parameters of its
+repository's postprocess config) and refuses to store objects without it. Behind the medpclip
+gateway a model configuration is an admin method: give the bridge the admin key with
+--api-key-file (the admin key serves inference too).
+
+No patient attributes are printed or logged, at any verbosity (library warnings and messages,
+which may quote attribute values, are withheld); instances are named by UID.
 """
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -146,14 +158,26 @@ def parse_study_date(text: str) -> str:
     return text.strip()
 
 
-def _common(p: argparse.ArgumentParser, region_required: bool) -> None:
+def _common(p: argparse.ArgumentParser, with_mask: bool) -> None:
     p.add_argument(
         "--dicomweb",
         metavar="URL",
         required=True,
         help="DICOMweb root of the archive, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)",
     )
-    add_region_arguments(p, exclusive=True, required=region_required)
+    group = add_region_arguments(p, exclusive=True)
+    if with_mask:
+        group.add_argument(
+            "--mask",
+            metavar="MASK.png",
+            help="a prompt mask of the instance's size, nonzero = region (one region)",
+        )
+    group.add_argument(
+        "--frame",
+        metavar="N",
+        type=integer(1, 2**31 - 1),
+        help="the frame (1-based) to read of a multi-frame instance",
+    )
     add_window_argument(p)
     add_label_arguments(p, required=True)
     p.add_argument("--mask-out", action="store_true", help="also store the mask as a DICOM SEG")
@@ -187,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study", metavar="UID", type=parse_uid, required=True)
     run.add_argument("--series", metavar="UID", type=parse_uid, required=True)
     run.add_argument("--instance", metavar="UID", type=parse_uid, required=True)
-    _common(run, region_required=True)
+    _common(run, with_mask=True)
     query = sub.add_parser(
         "query",
         help="process every instance a QIDO-RS search finds (resumable)",
@@ -210,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument(
         "--retry-refused", action="store_true", help="retry instances the state lists as refused"
     )
-    _common(query, region_required=False)
+    _common(query, with_mask=False)
     return p
 
 
@@ -223,10 +247,18 @@ def _labels(args: argparse.Namespace) -> list[str]:
 
 
 def _prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[RegionSpec]:
-    """The regions of --point, --box and --region (at most one kind, argparse checks). Each
-    is drawn in the SR from foreground points or from a box: a background point (LABEL 0) or
-    points beside a box are usage errors here."""
+    """The regions of --point, --box and --region (at most one kind, argparse checks; --mask
+    is a region of its own). Each is prompted by foreground points, or a box, or a mask: a
+    background point (LABEL 0) or points beside a box are usage errors here."""
     regions = regions_from_args(args)
+    mask = getattr(args, "mask", None)
+    if mask and regions:
+        parser.error(
+            "argument --mask: a mask is a region of its own, not combined with "
+            "--point, --box or --region"
+        )
+    if args.command == "run" and not regions and not mask:
+        parser.error("run needs a region: one of the arguments --point --box --region --mask")
     option = "--region" if args.regions else "--point"
     for spec in regions:
         if any(label == 0 for _, _, label in spec.points):
@@ -250,7 +282,7 @@ def _err(message: str) -> None:
 
 
 def _outcome_text(o) -> str:  # o: Outcome
-    lines = [f"instance  {o.source.instance}"]
+    lines = [f"instance  {o.source.instance}" + (f"  frame {o.frame}" if o.frame else "")]
     for i, (f, area) in enumerate(zip(o.findings, o.mask_areas, strict=True), 1):
         image = "-" if f.image_probability is None else f"{f.image_probability:.4f}"
         if len(o.findings) > 1:
@@ -259,6 +291,12 @@ def _outcome_text(o) -> str:  # o: Outcome
             f"finding   {f.label}",
             f"region p  {f.probability:.4f}   image p {image}   IoU {f.iou:.3f}   mask {area} px",
         ]
+    if o.model is not None:
+        m = o.model
+        lines.append(
+            f"model     {m.name} {m.config}, weights sha256 {m.checkpoint_sha256}, "
+            f"medpclip {m.version}"
+        )
     lines.append(f"SR        {o.sr_uid}  (series {o.sr_series_uid})")
     if o.seg_uid:
         lines.append(f"SEG       {o.seg_uid}  (series {o.seg_series_uid})")
@@ -269,13 +307,51 @@ def _graphic_text(graphic) -> str:  # graphic: reports.Graphic
     return " ".join(",".join(f"{v:g}" for v in row) for row in graphic.data.tolist())
 
 
+# Libraries whose log records and warnings may quote attribute values (pydicom's VR checks and
+# highdicom's person-name check quote patient names; dicomweb_client logs response bodies).
+_QUOTING_LIBRARIES = ("pydicom", "highdicom", "dicomweb_client")
+
+
+class _Withhold(logging.Filter):
+    """Keeps a library record's origin and level, and withholds its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in _QUOTING_LIBRARIES:
+            record.msg = (
+                f"{record.name}: a {record.levelname.lower()} message was withheld "
+                "(it may quote patient attributes)"
+            )
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _withhold_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for the run: a warning's origin without its text (library
+    warnings quote attribute values), logged only with -v."""
+    logging.getLogger(PROG).info(
+        "%s: a %s was withheld (it may quote patient attributes)",
+        filename.rsplit("/", 1)[-1],
+        category.__name__,
+    )
+
+
 def _configure_logging(verbose: bool) -> None:
-    """Library log records can quote attribute values (pydicom's VR checks quote names): keep
-    them out unless asked for. (Library warnings are silenced around the work in `main`.)"""
+    """Library log records can quote attribute values: their text never reaches the output
+    (`_Withhold`), and without -v only their errors are counted at all."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    level = logging.NOTSET if verbose else logging.ERROR
-    for name in ("pydicom", "highdicom", "dicomweb_client"):
-        logging.getLogger(name).setLevel(level)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Withhold) for f in handler.filters):
+            handler.addFilter(_Withhold())
+    for name in _QUOTING_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -297,8 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _configure_logging(args.verbose)
     with warnings.catch_warnings():
-        if not args.verbose:
-            warnings.simplefilter("ignore")
+        # for the whole run, every thread: no warning text reaches stderr (see _withhold_warning)
+        warnings.simplefilter("default" if args.verbose else "ignore")
+        warnings.showwarning = _withhold_warning
         return _execute(args, labels, regions, options)
 
 
@@ -318,6 +395,7 @@ def _execute(
 ) -> int:
     """The subcommand, after parsing; returns the exit code."""
     try:
+        from ..client import InputError, load_mask
         from .bridge import Bridge, RegionPrompt, Request, StateFile
         from .dicomweb import DicomWeb, InstanceRef, PacsError
     except ImportError as exc:
@@ -330,6 +408,13 @@ def _execute(
     prompts = [
         RegionPrompt(tuple((x, y) for x, y, _ in spec.points) or None, spec.box) for spec in regions
     ]
+    mask = None
+    if getattr(args, "mask", None):
+        try:
+            mask = load_mask(args.mask)
+        except InputError as exc:
+            _err(f"error: --mask: {exc}")
+            return EXIT_USAGE
     one = prompts[0] if len(prompts) == 1 else RegionPrompt()
     request = Request(
         labels=tuple(labels),
@@ -338,6 +423,8 @@ def _execute(
         mask_out=args.mask_out,
         window=args.window,
         regions=tuple(prompts) if len(prompts) > 1 else (),
+        mask=mask,
+        frame=args.frame,
     )
     try:
         pacs = DicomWeb(args.dicomweb, timeout_s=args.pacs_timeout or None)
@@ -394,5 +481,7 @@ def _execute(
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
-        _err(f"error: {type(exc).__name__}: {exc}")
+        from .reports import redact  # library messages may quote attribute values
+
+        _err(f"error: {type(exc).__name__}: {redact(str(exc))}")
         return EXIT_ERROR
