@@ -69,6 +69,14 @@ class Finding:
     def kind_index(self) -> int:
         return KINDS.index(self.kind)
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(x, y) of the mask pixel nearest the centroid, at the pixel's centre (inside even
+        for a spiculated shape; the point `medpclip_tools.evaluate` prompts with)."""
+        ys, xs = np.nonzero(self.mask)
+        k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+        return float(xs[k]) + 0.5, float(ys[k]) + 0.5
+
 
 @dataclass
 class Phantom:
@@ -200,7 +208,6 @@ def write_manifest(
 ) -> Path:
     """`count` phantoms of `seed` as images, masks and `out/manifest.jsonl`; returns its path.
     Finding j of image i is prompted by PROMPT_CYCLE[(i + j) % 3]; every line has its mask."""
-    from .evaluate import centre_point
     from .manifest import mask_png
 
     if fmt not in FORMATS:
@@ -226,7 +233,7 @@ def write_manifest(
             if form == "box":
                 line["box"] = list(f.box)
             elif form == "points":
-                line["points"] = [list(centre_point(f))]
+                line["points"] = [list(f.centre)]
             lines.append(json.dumps(line))
     path = out / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n")
