@@ -232,3 +232,35 @@ def conformant_ct(data: bytes, study_date: str) -> bytes:
     ds.SliceThickness = 1.0
     ds.StudyDate, ds.StudyTime = study_date, "120000"
     return part10(ds)
+
+
+def enhanced_ct(data: bytes, frames: int = 3) -> bytes:
+    """A multi-frame image WITH a Frame of Reference (per-frame plane positions in functional
+    groups, as enhanced CT/MR scanners write): `frames` copies of a CT slice 5 mm apart,
+    converted by highdicom to a Legacy Converted Enhanced CT image (pydicom's test files hold
+    no enhanced multi-frame image)."""
+    import copy
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(io.BytesIO(data))
+    series = generate_uid()
+    slices = []
+    for i in range(frames):
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * i]
+        slices.append(ds)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices,
+        series_instance_uid=generate_uid(),
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    return part10(enhanced)

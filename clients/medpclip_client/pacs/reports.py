@@ -289,7 +289,7 @@ def quiet_libraries() -> Iterator[None]:
             yield
         finally:
             for w in caught:
-                LOG.debug(
+                LOG.info(
                     "withheld a %s from %s:%s (library warnings may quote patient attributes)",
                     w.category.__name__,
                     w.filename.rsplit("/", 1)[-1],
@@ -346,29 +346,32 @@ _STRIPPED: frozenset[int] | None = None
 
 
 def _valid(keyword: str, value: object) -> bool:
-    """Whether a source value may be copied: its VR's rules (pydicom's validation) and, where
-    the format alone says too little, its meaning (a calendar date, a time of day, a positive
-    weight or size, a sex of the enumerated values)."""
+    """Whether a source value may be copied: its VR's rules (pydicom's validation, on the
+    value's text: pydicom's own value types are not accepted there) and, where the format
+    alone says too little, its meaning (a calendar date, a time of day, a positive weight or
+    size, a sex of the enumerated values, an age)."""
     from pydicom import config
     from pydicom.datadict import dictionary_VR
+    from pydicom.multival import MultiValue
     from pydicom.valuerep import validate_value
 
     if value is None or value == "":
         return False
+    texts = [str(v) for v in value] if isinstance(value, MultiValue | list) else [str(value)]
     try:
-        validate_value(dictionary_VR(keyword), value, config.RAISE)
-        text = str(value)
-        if keyword.endswith("Date"):
-            datetime.datetime.strptime(text, "%Y%m%d")
-        elif keyword.endswith("Time"):
-            hh, mm, ss = text[:2], text[2:4] or "00", (text[4:6] or "00")
-            datetime.time(int(hh), int(mm), min(int(ss), 59))
-        elif keyword in ("PatientWeight", "PatientSize"):
-            return float(value) > 0  # type: ignore[arg-type]
-        elif keyword == "PatientSex":
-            return text in ("M", "F", "O")
-        elif keyword == "PatientAge":
-            return re.fullmatch(r"\d{3}[DWMY]", text) is not None
+        for text in texts:
+            validate_value(dictionary_VR(keyword), text, config.RAISE)
+            if keyword.endswith("Date"):
+                datetime.datetime.strptime(text, "%Y%m%d")
+            elif keyword.endswith("Time"):
+                hh, mm, ss = text[:2], text[2:4] or "00", text[4:6] or "00"
+                datetime.time(int(hh), int(mm), min(int(ss), 59))  # 60: a leap second
+            elif keyword in ("PatientWeight", "PatientSize") and not float(text) > 0:
+                return False
+            elif keyword == "PatientSex" and text not in ("M", "F", "O"):
+                return False
+            elif keyword == "PatientAge" and not re.fullmatch(r"\d{3}[DWMY]", text):
+                return False
     except (ValueError, TypeError, KeyError):
         return False
     return True
