@@ -7,6 +7,7 @@ values and model identity. Real Orthanc, real server, the command line in-proces
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -360,7 +361,7 @@ def test_the_identity_is_the_servers(stack, identity):
     parameters, read by the client), which is what the export computed from the weights."""
     with MedPClipClient(stack["url"]) as client:
         assert client.model_identity() == identity
-    digest = __import__("hashlib").sha256((DEFAULT_CHECKPOINT / "model.safetensors").read_bytes())
+    digest = hashlib.sha256((DEFAULT_CHECKPOINT / "model.safetensors").read_bytes())
     assert identity["checkpoint_sha256"] == digest.hexdigest()
 
 
@@ -409,3 +410,52 @@ def test_no_patient_attribute_reaches_any_output_stream(stack, tmp_path):
             assert "withheld a UserWarning" in r.stderr  # highdicom's, without its text
         for value in phi:
             assert value not in r.stdout and value not in r.stderr, (name, r.stderr)
+
+
+def test_one_report_of_every_region_form(stack, identity, tmp_path):
+    """The library takes what the command line cannot mix: points, a box and a mask as three
+    regions of one instance, in one SR (a group each, its prompt kept as given) and one SEG."""
+    import highdicom as hd
+    from dicomweb_client import DICOMwebClient
+
+    from medpclip_client.pacs import Bridge, DicomWeb, InstanceRef, RegionPrompt, Request
+
+    source = stack["sources"]["ct"]
+    _, prompt_mask = _prompt_mask(source, tmp_path)
+    regions = (
+        RegionPrompt(points=((40, 40), (46, 44))),
+        RegionPrompt(box=(20, 24, 60, 60)),
+        RegionPrompt(mask=prompt_mask),
+    )
+    key = stack["key"].read_text().strip()
+    with Bridge(
+        DicomWeb(stack["orthanc"].dicomweb), stack["url"], client_options={"api_key": key}
+    ) as b:
+        outcome = b.process(
+            InstanceRef(*source["uids"]), Request(labels=LABELS, regions=regions, mask_out=True)
+        )
+    assert outcome.model is not None
+    assert outcome.model.checkpoint_sha256 == identity["checkpoint_sha256"]
+    wado = DICOMwebClient(stack["orthanc"].dicomweb)
+    study = source["uids"][0]
+    sr_ds = wado.retrieve_instance(study, outcome.sr_series_uid, outcome.sr_uid)
+    seg_ds = wado.retrieve_instance(study, outcome.seg_series_uid, outcome.seg_uid)
+    for ds in (sr_ds, seg_ds):
+        errors, _ = dciodvfy(_part10(ds), tmp_path)
+        assert not [e for e in errors if e not in source["errors"]], errors
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr_ds).content.get_planar_roi_measurement_groups()
+    kinds = [
+        [
+            (i.ConceptNameCodeSequence[0].CodeValue, i.GraphicType)
+            for i in g[0].ContentSequence
+            if i.ValueType == "SCOORD"
+        ]
+        for g in groups
+    ]
+    assert kinds == [
+        [(SEED_POINT, "MULTIPOINT")],
+        [(REGION_PROMPT, "POLYLINE")],
+        [(REGION_PROMPT, "POLYLINE")],
+    ]
+    assert [s.SegmentNumber for s in seg_ds.SegmentSequence] == [1, 2, 3]
+    assert [g.tracking_uid for g in groups] == [s.TrackingUID for s in seg_ds.SegmentSequence]
