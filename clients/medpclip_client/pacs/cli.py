@@ -258,7 +258,7 @@ def _prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
             "--point, --box or --region"
         )
     if args.command == "run" and not regions and not mask:
-        parser.error("run needs a region: one of the arguments --point --box --region --mask")
+        parser.error("one of the arguments --point --box --region is required (or --mask)")
     option = "--region" if args.regions else "--point"
     for spec in regions:
         if any(label == 0 for _, _, label in spec.points):
