@@ -190,7 +190,9 @@ def _common(p: argparse.ArgumentParser, with_mask: bool) -> None:
     )
     add_connection_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress (UIDs and the model only)")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress (UIDs and the model only)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
