@@ -267,7 +267,7 @@ def _roi_graphic(finding: Finding) -> Graphic:
 
 # --- privacy: library warnings and messages --------------------------------------------------
 
-_QUIET = threading.Lock()
+_QUIET = threading.RLock()  # re-entrant: a capture may call code that captures too
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|<[^>]*>")
 
 
