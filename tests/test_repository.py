@@ -150,4 +150,38 @@ def test_exported_served_copy_has_the_committed_layout_plus_artifacts(build_dir,
         assert served[name] == data, name
     assert served["tokenizer/1/tokenizer.json"] == (checkpoint / "tokenizer.json").read_bytes()
     differ = {n for n in committed if committed[n] != served[n]}
-    assert differ <= {"postprocess/config.pbtxt"}, differ  # its logit_scale parameter
+    # the checkpoint's logit_scale (postprocess) and identity (postprocess and the ensembles):
+    # the configs' parameters, nothing else
+    assert differ <= {"postprocess/config.pbtxt", *_ENSEMBLE_CONFIGS}, differ
+    for name in differ:
+        ours, theirs = (
+            text_format.Parse(files[name].decode(), mc.ModelConfig())
+            for files in (served, committed)
+        )
+        ours.ClearField("parameters")
+        theirs.ClearField("parameters")
+        assert ours == theirs, name
+    identity = repository.model_identity(checkpoint)
+    for name in _ENSEMBLE_CONFIGS:
+        assert _parameters(served[name]) == identity, name
+
+
+_ENSEMBLE_CONFIGS = {f"{spec.name}/config.pbtxt" for spec in T.ENSEMBLES}
+
+
+def _parameters(config: bytes) -> dict[str, str]:
+    cfg = text_format.Parse(config.decode(), mc.ModelConfig())
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+def test_every_ensemble_and_postprocess_state_the_models_identity():
+    """The identity clients read (`MedPClipClient.model_identity`, from the ensemble they
+    call, readable with the API key behind the gateway): the same dict in every ensemble's
+    config, exactly its keys there, and in postprocess's beside its own parameters."""
+    identity = repository.model_identity(DEFAULT_CHECKPOINT)
+    assert set(identity) == set(repository.IDENTITY_KEYS)
+    assert all(identity.values())
+    for spec in T.ENSEMBLES:
+        assert _parameters((COMMITTED / spec.name / "config.pbtxt").read_bytes()) == identity
+    post = _parameters((COMMITTED / "postprocess" / "config.pbtxt").read_bytes())
+    assert {k: post[k] for k in repository.IDENTITY_KEYS} == identity

@@ -66,9 +66,12 @@ HAND_WRITTEN = ("README.md",)
 KEEP_FILE = ".gitkeep"
 # The served copy's record of what was exported (config, flavour, int8, logit_scale).
 EXPORT_RECORD = "medpclip.json"
-# Model identity (`model_identity`): parameters of the `postprocess` config, the step every
-# scoring ensemble ends with, so that clients (the PACS bridge's DICOM objects) can name the
-# model, config, weights and package that answered, as the server states them.
+# Model identity (`model_identity`): parameters of every ensemble's config (what clients call),
+# so that clients (the PACS bridge's DICOM objects) can name the model, config, weights and
+# package that answered, as the server states them. The medpclip gateway lets a caller with the
+# API key alone read an ensemble's config (an admin method otherwise), so a PACS integration
+# needs no admin key. `postprocess`, the step every scoring ensemble ends with, carries them too
+# (for the admin's view of the composing models); all of them from one `model_identity` dict.
 MODEL_NAME = "MedP-CLIP"
 IDENTITY_KEYS = ("model_name", "model_config", "checkpoint_sha256", "medpclip_version")
 REGENERATE = "python -m medpclip.repository"
@@ -85,13 +88,15 @@ def _tensor(t: T.Tensor, dims: T.Dims, kind: type) -> object:
 def model_config(
     spec: T.ModelSpec,
     dims: T.Dims,
-    parameters: dict[str, str] | None = None,
+    parameters: dict[str, object] | None = None,
     instances: int = 1,
     queue_delay_us: int = 2000,
 ) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
     cfg.input.extend(_tensor(t, dims, mc.ModelInput) for t in spec.inputs)
     cfg.output.extend(_tensor(t, dims, mc.ModelOutput) for t in spec.outputs)
+    for k, v in {**spec.parameters, **(parameters or {})}.items():
+        cfg.parameters[k].string_value = str(v)
     if isinstance(spec, T.EnsembleSpec):
         cfg.platform = "ensemble"
         for step in spec.steps:
@@ -105,8 +110,6 @@ def model_config(
     cfg.backend = "python"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     _batching(cfg, spec, queue_delay_us)
-    for k, v in {**spec.parameters, **(parameters or {})}.items():
-        cfg.parameters[k].string_value = str(v)
     return cfg
 
 
@@ -227,11 +230,13 @@ def source_files(
 
     Every config.pbtxt (the encoders in the onnxruntime flavour), every python-backend model's
     `1/model.py` and a `.gitkeep` in each ensemble's version folder. Depends on the checkpoint
-    only through its dims, and through its logit scale and identity (`model_identity`) in
-    postprocess's config, and on the options only in the encoders' configs."""
+    only through its dims, its logit scale (in postprocess's config) and its identity
+    (`model_identity`, in postprocess's and every ensemble's config), and on the options only
+    in the encoders' configs."""
     cfg, logit_scale = read_checkpoint(checkpoint)
     dims = cfg.dims
-    params = {
+    identity = model_identity(checkpoint, cfg)
+    params: dict[str, dict[str, object]] = {
         "preprocess": {
             "image_size": dims.S,
             "mask_side": dims.M,
@@ -250,8 +255,9 @@ def source_files(
         "postprocess": {
             "image_size": dims.S,
             "logit_scale": f"{logit_scale:.8g}",
-            **model_identity(checkpoint, cfg),
+            **identity,
         },
+        **{spec.name: dict(identity) for spec in T.ENSEMBLES},
     }
     files: dict[str, str] = {}
     for spec in T.ALL_MODELS:
