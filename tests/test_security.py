@@ -4,6 +4,9 @@
   memory, trace, logging, server metadata) is refused; health and inference are not;
 - with keys: inference needs the API key, admin methods the admin key; a client without a
   certificate signed by the client CA cannot even connect (mutual TLS);
+- one admin method is read at inference level for the public ensembles only: their
+  configurations (`ModelConfig`), which state the served model's identity (the PACS bridge
+  needs no admin key); every other model's configuration stays admin-only, whatever the bytes;
 - keys never appear on a command line (`ps`) or in a log.
 """
 
@@ -13,23 +16,35 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import grpc as grpclib
 import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from medpclip import repository
 from medpclip_client import MedPClipClient, MedPClipError, Region
+from medpclip_core import tensors as T
 from medpclip_tools.serve import ServeProcess
 
 API_KEY, ADMIN_KEY = "api-7f3c9e", "admin-51d2aa"
 PIXELS = np.full((64, 80), 120, np.uint8)
+ENSEMBLES = [spec.name for spec in T.ENSEMBLES]
+# models whose configuration stays admin-only: every composing step, and names that are not
+# an ensemble's however close (the gateway compares exactly, as Triton looks models up)
+COMPOSING = [spec.name for spec in T.ALL_MODELS if spec not in T.ENSEMBLES]
+NOT_ENSEMBLES = [*COMPOSING, "", "MEDP_CLIP", "medp_clip ", "medp_clip/../postprocess"]
+CONFIG_METHOD = "/inference.GRPCInferenceService/ModelConfig"
 
-# (tritonclient method, args) for every admin method group of Triton's gRPC service
+# (tritonclient method, args) for every admin method group of Triton's gRPC service; the
+# configuration asked for is a composing model's (an ensemble's is read at inference level)
 ADMIN_CALLS = [
     ("get_server_metadata", ()),
     ("get_model_repository_index", ()),
-    ("get_model_config", ("medp_clip",)),
+    ("get_model_config", ("postprocess",)),
+    ("get_model_config", ("image_encoder",)),
     ("get_inference_statistics", ()),
     ("unload_model", ("medp_clip",)),
     ("load_model", ("medp_clip",)),
@@ -57,6 +72,73 @@ def test_admin_methods_are_refused_without_an_admin_key(server, grpc):
     assert grpc.is_server_live() and grpc.is_server_ready() and grpc.is_model_ready("medp_clip")
     with MedPClipClient(server.grpc_url) as c:
         assert c.infer(PIXELS, Region(points=[(5, 5)]), ["a", "b"]).region_probs.shape == (2,)
+
+
+def _identity(config) -> dict[str, str]:
+    """The identity parameters of a ModelConfigResponse's config."""
+    params = config.config.parameters
+    return {k: params[k].string_value for k in repository.IDENTITY_KEYS if k in params}
+
+
+def _raw_config(url: str, request: bytes, **channel) -> tuple[str, bytes | str]:
+    """ModelConfig with hand-made request bytes: ('OK', response bytes) or (status, details)."""
+    make = grpclib.secure_channel if channel else grpclib.insecure_channel
+    with make(url, **channel) as ch:
+        call = ch.unary_unary(CONFIG_METHOD)
+        try:
+            return "OK", call(request, timeout=30)
+        except grpclib.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+
+
+def test_ensemble_configs_are_read_like_inference(server, grpc, checkpoint):
+    """On a server without keys (inference open, no admin key): every ensemble's configuration
+    is answered, with the served model's identity; any other model's is refused as admin-only,
+    without echoing the name asked for; the identity the client reads is the export's."""
+    identity = repository.model_identity(checkpoint)
+    for name in ENSEMBLES:
+        config = grpc.get_model_config(name)
+        assert config.config.name == name and config.config.platform == "ensemble"
+        assert _identity(config) == identity, name
+    for name in NOT_ENSEMBLES:
+        status, details = _raw_config(
+            server.grpc_url, pb.ModelConfigRequest(name=name).SerializeToString()
+        )
+        assert status == "PERMISSION_DENIED", (name, status, details)
+        assert "admin-only" in details and "no admin key configured" in details
+        if name in COMPOSING:
+            assert name not in details  # the name asked for is never echoed
+    secret = "patient-doe-4711"
+    status, details = _raw_config(
+        server.grpc_url, pb.ModelConfigRequest(name=secret).SerializeToString()
+    )
+    assert status == "PERMISSION_DENIED" and secret not in details
+    with MedPClipClient(server.grpc_url, retries=0) as client:
+        assert client.model_identity() == identity
+        for name in ENSEMBLES:
+            assert client.model_identity(name) == identity
+        with pytest.raises(MedPClipError) as info:
+            client.model_identity("postprocess")
+        assert info.value.denied
+
+
+def test_the_model_name_judged_is_the_one_forwarded(server):
+    """The name the gateway judges is the one Triton answers for: a request naming the model
+    twice is judged by the last name (protobuf's rule, which Triton follows), unknown fields do
+    not smuggle a name, and bytes that are no request are INVALID_ARGUMENT."""
+    ensemble = pb.ModelConfigRequest(name="medp_clip").SerializeToString()
+    composing = pb.ModelConfigRequest(name="postprocess").SerializeToString()
+    status, _ = _raw_config(server.grpc_url, ensemble + composing)
+    assert status == "PERMISSION_DENIED"
+    status, answer = _raw_config(server.grpc_url, composing + ensemble)
+    assert status == "OK"
+    assert pb.ModelConfigResponse.FromString(answer).config.name == "medp_clip"
+    unknown = b"\x1a\x0bpostprocess"  # field 3 (not in ModelConfigRequest), a string
+    status, answer = _raw_config(server.grpc_url, ensemble + unknown)
+    assert status == "OK"
+    assert pb.ModelConfigResponse.FromString(answer).config.name == "medp_clip"
+    status, details = _raw_config(server.grpc_url, b"\x0a\xff\xff")  # a truncated field
+    assert status == "INVALID_ARGUMENT" and details == "not a ModelConfigRequest"
 
 
 def test_streaming_is_not_offered(grpc):
@@ -138,7 +220,8 @@ def test_keys_and_mutual_tls(locked):
         assert _status(c.get_model_repository_index, headers=headers) == "UNAUTHENTICATED"
     index = c.get_model_repository_index(headers=_bearer(ADMIN_KEY))
     assert {"medp_clip", "image_encoder"} <= {m.name for m in index.models}
-    assert _status(c.get_model_config, "medp_clip", headers=_bearer(ADMIN_KEY)) == "OK"
+    for name in (*ENSEMBLES, *COMPOSING):  # the admin key reads every configuration
+        assert _status(c.get_model_config, name, headers=_bearer(ADMIN_KEY)) == "OK", name
     # inference: the API key (or the admin key), nothing else
     mtls = {
         "root_certificates": certs["ca"],
@@ -161,6 +244,53 @@ def test_keys_and_mutual_tls(locked):
         with pytest.raises(MedPClipError) as info:
             client.text_embeddings(["a cyst"])
         assert info.value.unavailable
+
+
+def test_the_api_key_reads_ensemble_configs_only(locked, checkpoint):
+    """With an API key and an admin key configured: the API key reads every ensemble's
+    configuration (the served model's identity) and nothing else of the admin API (composing
+    models' configurations PERMISSION_DENIED, other admin methods UNAUTHENTICATED); without a
+    key or with a wrong one even an ensemble's is refused."""
+    server, certs = locked
+    c = _triton(server, certs)
+    identity = repository.model_identity(checkpoint)
+    for name in ENSEMBLES:
+        config = c.get_model_config(name, headers=_bearer(API_KEY))
+        assert _identity(config) == identity, name
+        for headers in (None, _bearer("api-wrong"), {"authorization": API_KEY}):  # no Bearer
+            assert _status(c.get_model_config, name, headers=headers) == "UNAUTHENTICATED"
+    for name in COMPOSING:
+        assert _status(c.get_model_config, name, headers=_bearer(API_KEY)) == (
+            "PERMISSION_DENIED"
+        ), name
+    for method, args in ADMIN_CALLS:
+        expected = "PERMISSION_DENIED" if method == "get_model_config" else "UNAUTHENTICATED"
+        assert _status(getattr(c, method), *args, headers=_bearer(API_KEY)) == expected, method
+    tls = {
+        "root_certificates": certs["ca"].read_bytes(),
+        "private_key": certs["client-key"].read_bytes(),
+        "certificate_chain": certs["client"].read_bytes(),
+    }
+    channel = {"credentials": grpclib.ssl_channel_credentials(**tls)}
+    status, details = _raw_config(
+        server.grpc_url, pb.ModelConfigRequest(name="postprocess").SerializeToString(), **channel
+    )
+    assert status == "UNAUTHENTICATED" and "postprocess" not in details  # no key at all
+    mtls = {
+        "root_certificates": certs["ca"],
+        "private_key": certs["client-key"],
+        "certificate_chain": certs["client"],
+        "retries": 0,
+    }
+    with MedPClipClient(server.grpc_url, api_key=API_KEY, **mtls) as client:
+        assert client.model_identity() == identity
+        with pytest.raises(MedPClipError) as info:
+            client.model_identity("postprocess")
+        assert info.value.denied and "send the admin key" in info.value.message
+    with MedPClipClient(server.grpc_url, **mtls) as client:
+        with pytest.raises(MedPClipError) as info:
+            client.model_identity()
+        assert info.value.denied
 
 
 def test_keys_are_never_on_a_command_line_or_in_a_log(locked):

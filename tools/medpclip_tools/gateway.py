@@ -12,7 +12,10 @@ Being the only public door, it is also where the operator's policies live:
 * **Keys.** ``authorization: Bearer <key>``. Health (ServerLive/Ready, ModelReady) is open;
   inference and model metadata need the API key when one is configured; every admin method
   (repository, config, statistics, shared memory, trace, logging, server metadata) needs the
-  admin key and is refused outright when none is configured. Keys come from files.
+  admin key and is refused outright when none is configured. One exception: the configuration
+  of a public ensemble (``PUBLIC_CONFIGS``) is read as inference is, because it states the
+  served model's identity, which clients such as the PACS bridge write into their reports;
+  any other model's configuration stays admin-only. Keys come from files.
 * **TLS** on the gRPC port (mutual TLS with a client CA).
 * **Readiness that tells the truth** (:class:`HealthCheck`): Triton alive, every python-backend
   stub it started still alive, and a canary inference answered. ``ServerReady`` and the HTTP
@@ -36,9 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from medpclip_core.auth import AUTH_HEADER, read_key_file
+from medpclip_core.tensors import ENSEMBLES
 
 __all__ = ["Gateway", "HealthState", "Keys", "TlsFiles", "read_key"]
 
@@ -56,6 +61,17 @@ ADMIN = frozenset(
     for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
     if m.name not in HEALTH | INFERENCE | {STREAMING}
 )
+# a call's invocation metadata, as grpc gives it
+Metadata = tuple[tuple[str, str | bytes], ...] | None
+CONFIG = "ModelConfig"
+# The configurations an inference-level caller (the API key, or anyone where no API key is
+# configured) may read: the ensembles clients call. They carry the served model's identity
+# (medpclip.repository.model_identity: name, config, weights' SHA-256, version) so that a client
+# holding only the API key can name the model that answered (least privilege: the PACS bridge
+# needs no admin key), and otherwise hold what ModelMetadata and the committed model_repository/
+# already tell. The composing models' configurations (encoders, pre/postprocess) and every other
+# admin method stay behind the admin key.
+PUBLIC_CONFIGS = frozenset(spec.name for spec in ENSEMBLES)
 MAX_MESSAGE_BYTES = 2**31 - 1  # as tritonclient and Triton: raw PIXELS can be large
 # Upstream failures that mean "not now" rather than "never": the python backend reports a dead
 # stub as INTERNAL "Stub process '<instance>' is not healthy".
@@ -75,7 +91,7 @@ class Keys:
     admin: bytes | None = None
 
     @staticmethod
-    def _presented(metadata: tuple[tuple[str, str | bytes], ...] | None) -> bytes | None:
+    def _presented(metadata: Metadata) -> bytes | None:
         for key, value in metadata or ():
             if key == AUTH_HEADER:
                 raw = value if isinstance(value, bytes) else value.encode()
@@ -83,20 +99,37 @@ class Keys:
                 return token.strip() if scheme.lower() == b"bearer" else None
         return None
 
-    def refusal(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
-        """Why ``method`` is refused to a caller presenting ``metadata``, or None to allow.
-        Constant-time comparisons; the presented value is never echoed."""
-        if method in HEALTH:
-            return None
+    def is_admin(self, metadata: Metadata) -> bool:
+        """The caller presents the admin key (constant-time comparison)."""
         token = self._presented(metadata)
-        is_admin = (
+        return (
             self.admin is not None and token is not None and hmac.compare_digest(token, self.admin)
         )
-        if method in INFERENCE or method == STREAMING:
-            if self.api is None or is_admin:
+
+    def is_inference_caller(self, metadata: Metadata) -> bool:
+        """The caller may infer: no API key configured, or it presents the API key or the
+        admin key (constant-time comparisons)."""
+        if self.api is None or self.is_admin(metadata):
+            return True
+        token = self._presented(metadata)
+        return token is not None and hmac.compare_digest(token, self.api)
+
+    def refusal(self, method: str, metadata: Metadata) -> tuple[grpc.StatusCode, str] | None:
+        """Why ``method`` is refused to a caller presenting ``metadata``, or None to allow.
+        ``ModelConfig`` is allowed here to inference-level callers as well: for them the
+        handler then allows only ``PUBLIC_CONFIGS`` (``config_refusal``, which needs the
+        request). Constant-time comparisons; the presented value is never echoed."""
+        if method in HEALTH:
+            return None
+        if method in INFERENCE or method == STREAMING or method == CONFIG:
+            if self.is_inference_caller(metadata):
                 return None
-            if token is not None and hmac.compare_digest(token, self.api):
-                return None
+            if method == CONFIG:
+                return (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{CONFIG} needs the API key (the public ensembles' configurations) or the "
+                    f"admin key (any model's): send it as '{AUTH_HEADER}: Bearer <key>'",
+                )
             return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this server needs an API key: send the header "
@@ -109,11 +142,28 @@ class Keys:
                 f"{method} is an admin method and this server has no admin key configured "
                 "(start it with --admin-key-file to allow admin calls)",
             )
-        if is_admin:
+        if self.is_admin(metadata):
             return None
         return (
             grpc.StatusCode.UNAUTHENTICATED,
             f"{method} is an admin method: send the admin key as '{AUTH_HEADER}: Bearer <key>'",
+        )
+
+    def config_refusal(self, model: str) -> tuple[grpc.StatusCode, str] | None:
+        """Why an inference-level (not admin) caller may not read ``model``'s configuration,
+        or None for a public ensemble. The model name is never echoed (request data)."""
+        if model in PUBLIC_CONFIGS:
+            return None
+        how = (
+            "this server has no admin key configured"
+            if self.admin is None
+            else f"send the admin key as '{AUTH_HEADER}: Bearer <key>'"
+        )
+        return (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "without the admin key only the configurations of the public ensembles "
+            f"({', '.join(sorted(PUBLIC_CONFIGS))}) can be read; any other model's is "
+            f"admin-only ({how})",
         )
 
 
@@ -352,6 +402,23 @@ class Gateway:
     async def server_ready(self, request: bytes, context) -> bytes:
         return pb.ServerReadyResponse(ready=self.health.ready).SerializeToString()
 
+    async def public_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ModelConfig`` for an inference-level caller: a public ensemble's only."""
+        try:
+            asked = pb.ModelConfigRequest.FromString(request)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a ModelConfigRequest")
+            return b""  # not reached
+        refusal = self.keys.config_refusal(asked.name)
+        if refusal is not None:
+            await context.abort(*refusal)
+            return b""  # not reached
+        # Forward the request as checked here, re-serialised, not the bytes received: Triton
+        # then parses exactly the name judged above (no unknown fields, no repeated field that
+        # two parsers might resolve differently).
+        checked = pb.ModelConfigRequest(name=asked.name, version=asked.version)
+        return await self.forward(CONFIG, checked.SerializeToString(), context)
+
     async def model_ready(self, request: bytes, context) -> bytes:
         if not self.health.ready:
             return pb.ModelReadyResponse(ready=False).SerializeToString()
@@ -408,6 +475,8 @@ class _Handler(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(self.gateway.server_ready)
         if method == "ModelReady":
             return grpc.unary_unary_rpc_method_handler(self.gateway.model_ready)
+        if method == CONFIG and not self.gateway.keys.is_admin(details.invocation_metadata):
+            return grpc.unary_unary_rpc_method_handler(self.gateway.public_config)
         gateway = self.gateway
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
