@@ -124,16 +124,13 @@ class Keys:
         if method in INFERENCE or method == STREAMING or method == CONFIG:
             if self.is_inference_caller(metadata):
                 return None
-            if method == CONFIG:
-                return (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"{CONFIG} needs the API key (the public ensembles' configurations) or the "
-                    f"admin key (any model's): send it as '{AUTH_HEADER}: Bearer <key>'",
-                )
+            # A ModelConfig caller is most often a client asking an ensemble for the model's
+            # identity: it is told what an inference caller is told, and the admin alternative.
+            also = " (or, for a model other than the public ensembles, the admin key)"
             return (
                 grpc.StatusCode.UNAUTHENTICATED,
-                "this server needs an API key: send the header "
-                f"'{AUTH_HEADER}: Bearer <key>' (medpclip-client: MEDPCLIP_API_KEY or "
+                f"this server needs an API key{also if method == CONFIG else ''}: send the "
+                f"header '{AUTH_HEADER}: Bearer <key>' (medpclip-client: MEDPCLIP_API_KEY or "
                 "--api-key-file)",
             )
         if self.admin is None:
