@@ -73,16 +73,17 @@ def truncated_jpeg(data: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def triton_url(tmp_path_factory):
     """The embedded default model (meaningful labels), served by a real tritonserver behind
-    its gateway with an admin key. The bridge reads the served model's identity from its
-    model configuration, an admin method there: every `medpclip-pacs` (and client) of this
-    module presents the admin key through MEDPCLIP_API_KEY_FILE."""
+    its gateway with an admin key and no API key (inference open). The bridge reads the served
+    model's identity from its ensemble's configuration, which the gateway answers as it
+    answers inference: every `medpclip-pacs` (and client) of this module presents no key at
+    all (tests/test_pacs_conformance.py runs with an API key)."""
     out = tmp_path_factory.mktemp("pacs_model")
     export.export(checkpoint=export.DEFAULT_CHECKPOINT, out=out)
-    key = admin_key(out)
+    key = admin_key(out)  # configured, so that admin methods are closed, and never presented
     with ServeProcess(out / "model_repository", args=[f"--admin-key-file={key}"]) as server:
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("MEDPCLIP_API_KEY_FILE", str(key))
-            env.setenv("MEDPCLIP_API_KEY", key.read_text().strip())
+            env.delenv("MEDPCLIP_API_KEY_FILE", raising=False)
+            env.delenv("MEDPCLIP_API_KEY", raising=False)
             yield server.grpc_url
 
 

@@ -99,15 +99,20 @@ def _part10(ds) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """Server (default model, admin key), Orthanc holding the sources, and per source its
-    UIDs, bytes and dciodvfy report."""
+    """Server (default model, an API key and an admin key), Orthanc holding the sources, and
+    per source its UIDs, bytes and dciodvfy report. Every `medpclip-pacs` and client here
+    holds the API key only (MEDPCLIP_API_KEY_FILE): the least a PACS integration needs, the
+    served model's identity included."""
     import pydicom
 
     out = tmp_path_factory.mktemp("conformance")
     export.export(checkpoint=export.DEFAULT_CHECKPOINT, out=out)
-    key = admin_key(out)
+    key = out / "api.key"
+    key.write_text("pacs-tests-api-" + os.urandom(16).hex() + "\n")
+    admin = admin_key(out)  # configured (admin methods closed), never given to the bridge
+    args = [f"--api-key-file={key}", f"--admin-key-file={admin}"]
     with (
-        ServeProcess(out / "model_repository", args=[f"--admin-key-file={key}"]) as server,
+        ServeProcess(out / "model_repository", args=args) as server,
         Orthanc(out / "orthanc") as orthanc,
         pytest.MonkeyPatch.context() as env,
     ):
@@ -357,25 +362,40 @@ def _model_json(identity: dict[str, str]) -> dict[str, str]:
 
 
 def test_the_identity_is_the_servers(stack, identity):
-    """The identity the objects carry is what the server states (its repository's postprocess
-    parameters, read by the client), which is what the export computed from the weights."""
-    with MedPClipClient(stack["url"]) as client:
+    """The identity the objects carry is what the server states (the parameters of the
+    configuration of the ensemble called, read by the client with the API key alone: every
+    ensemble states the same), which is what the export computed from the weights. The key the
+    bridge holds is no admin key: a composing model's configuration is refused to it."""
+    from medpclip_client import MedPClipError
+    from medpclip_core.tensors import ENSEMBLES
+
+    with MedPClipClient(stack["url"], retries=0) as client:
         assert client.model_identity() == identity
+        for spec in ENSEMBLES:
+            assert client.model_identity(spec.name) == identity, spec.name
+        with pytest.raises(MedPClipError) as info:
+            client.model_identity("postprocess")
+        assert info.value.denied
     digest = hashlib.sha256((DEFAULT_CHECKPOINT / "model.safetensors").read_bytes())
     assert identity["checkpoint_sha256"] == digest.hexdigest()
 
 
-def test_without_the_admin_key_nothing_is_stored(stack, capsys, monkeypatch):
-    """A server that will not say which model it serves gets no report: exit 5 (refused
-    caller) before anything is fetched, with what to do."""
+@pytest.mark.parametrize("key", [None, "not-the-api-key"])
+def test_without_the_api_key_nothing_is_stored(stack, capsys, monkeypatch, tmp_path, key):
+    """A caller the server refuses gets no report: exit 5 before anything is fetched, with what
+    to do (the API key; never the admin key)."""
     monkeypatch.delenv("MEDPCLIP_API_KEY_FILE")
     monkeypatch.delenv("MEDPCLIP_API_KEY")
+    if key is not None:
+        (tmp_path / "wrong.key").write_text(key)
+        monkeypatch.setenv("MEDPCLIP_API_KEY_FILE", str(tmp_path / "wrong.key"))
     before = stack["orthanc"].count_instances()
     argv = ["run", "--dicomweb", stack["orthanc"].dicomweb, *_address(stack["sources"]["ct"])]
     code = main([*argv, "--box", "10,10,50,50", "--triton", stack["url"], "--labels", *LABELS])
     err = capsys.readouterr().err
     assert code == 5, err
-    assert "did not say which model it serves" in err and "--api-key-file" in err
+    assert "refused the caller" in err and "needs an API key" in err and "--api-key-file" in err
+    assert key is None or key not in err
     assert stack["orthanc"].count_instances() == before
 
 

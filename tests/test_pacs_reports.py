@@ -27,6 +27,7 @@ from medpclip_client.pacs.reports import (
     redact,
     region_graphic,
 )
+from medpclip_core.tensors import ENSEMBLES
 
 IDENTITY = ModelIdentity("MedP-CLIP", "tiny", "ab" * 32, "0.1.0", "0.1.0")
 
@@ -197,8 +198,12 @@ def test_identity_is_the_weights_and_stable_across_exports(tmp_path):
     assert {k: v for k, v in changed.items() if k != "checkpoint_sha256"} == {
         k: v for k, v in first.items() if k != "checkpoint_sha256"
     }
+    # stated where clients read it with the API key (every ensemble's config) and for the
+    # admin's view of the composing models (postprocess's)
     files = repository.source_files(copy)
-    assert changed["checkpoint_sha256"] in files["postprocess/config.pbtxt"]
+    for name in [*(spec.name for spec in ENSEMBLES), "postprocess"]:
+        assert changed["checkpoint_sha256"] in files[f"{name}/config.pbtxt"], name
+        assert first["checkpoint_sha256"] not in files[f"{name}/config.pbtxt"], name
 
 
 def test_identity_from_the_server_is_checked():

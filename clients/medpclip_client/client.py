@@ -52,7 +52,6 @@ from medpclip_core.tensors import (
     MEDP_CLIP_PROMPT,
     MEDP_CLIP_PROMPT_IMAGE,
     MEDP_CLIP_TEXT,
-    POSTPROCESS,
     ModelSpec,
     Tensor,
 )
@@ -79,9 +78,10 @@ _T = TypeVar("_T")
 STATUS_INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
 STATUS_RETRYABLE = "StatusCode.UNAVAILABLE"  # the only status a client retries
 API_KEY_ENV = "MEDPCLIP_API_KEY"
-# The served model's identity: parameters of the postprocess step's config, written by the
+# The served model's identity: parameters of every ensemble's config, written by the
 # repository generator (medpclip.repository.IDENTITY_KEYS; the client does not import the
-# export library), read by `MedPClipClient.model_identity`.
+# export library), read by `MedPClipClient.model_identity` from the ensemble it calls: behind
+# the medpclip gateway an ensemble's config needs only the API key, as inference does.
 MODEL_IDENTITY_KEYS = ("model_name", "model_config", "checkpoint_sha256", "medpclip_version")
 STATUS_DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 # statuses meaning "the service is not there (now)": the CLI's exit code 4
@@ -743,15 +743,19 @@ class MedPClipClient(_ClientBase):
         """
         return Session(self, image, window, timeout_s)
 
-    def model_identity(self, *, timeout_s: float | None = UNSET) -> dict[str, str]:
+    def model_identity(
+        self, model: str = MEDP_CLIP.name, *, timeout_s: float | None = UNSET
+    ) -> dict[str, str]:
         """The served model as the server's repository names it (`MODEL_IDENTITY_KEYS`: model
         name, config name, SHA-256 of the checkpoint's weights, medpclip version of the export),
-        from the `parameters` of the config of `postprocess`, the step every scoring ensemble
-        ends with. Keys the server does not state are absent (an older repository).
+        from the `parameters` of the config of `model`, the ensemble the client calls
+        (`medp_clip` by default; every ensemble states the same). Keys the server does not
+        state are absent (an older repository).
 
-        Behind the medpclip gateway a model configuration is an admin method: the client needs
-        the admin key (a refusal raises `MedPClipError` with `.denied`)."""
-        response = self._call("get_model_config", POSTPROCESS.name, timeout_s=timeout_s)
+        Behind the medpclip gateway an ensemble's configuration needs what inference needs (the
+        API key, when the server has one); any other model's is admin-only. A refusal raises
+        `MedPClipError` with `.denied`."""
+        response = self._call("get_model_config", model, timeout_s=timeout_s)
         params = response.config.parameters
         return {k: params[k].string_value for k in MODEL_IDENTITY_KEYS if k in params}
 

@@ -17,8 +17,9 @@ Several regions of an instance (encoded once; one SR with a measurement group pe
     Request(labels=..., regions=(RegionPrompt(points=((62, 70),)), RegionPrompt(box=(1, 2, 6, 8))))
 
 The SR and SEG name the served model as the server states it (`Bridge.model_identity`, read
-from the server's model configuration: behind the medpclip gateway, pass the admin key as
-``client_options={"api_key": ...}``).
+from the configuration of the ensemble it calls: behind the medpclip gateway that needs only
+what inference needs, the API key as ``client_options={"api_key": ...}`` when the server has
+one).
 """
 
 from .bridge import (

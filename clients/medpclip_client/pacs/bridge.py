@@ -484,23 +484,16 @@ class Bridge:
         return client
 
     def model_identity(self) -> ModelIdentity:
-        """Step 0: the served model as the server states it (asked once, then remembered).
-        PacsError DENIED when the server will not say (behind the medpclip gateway a model
-        configuration is an admin method), OTHER when its repository does not name it."""
+        """Step 0: the served model as the server states it (asked once, then remembered),
+        from the configuration of the ensemble the bridge calls: behind the medpclip gateway
+        that needs what inference needs (the API key, when the server has one), never the admin
+        key. PacsError DENIED when the caller is refused (as inference would be), OTHER when
+        the repository does not name the model."""
         with self._identity_lock:
             if self._identity is None:
                 try:
                     params = self._client().model_identity()
                 except MedPClipError as exc:
-                    if exc.denied:
-                        raise PacsError(
-                            f"the inference server at {self.triton_url} did not say which model "
-                            f"it serves ({exc.message}): the SR and SEG must name it, and the "
-                            "medpclip gateway answers model configurations to its admin key "
-                            "only; give the bridge that key with --api-key-file (it also "
-                            "serves inference)",
-                            ErrorKind.DENIED,
-                        ) from None
                     raise self._inference_error(exc, None) from None
                 try:
                     self._identity = ModelIdentity.from_server(params)

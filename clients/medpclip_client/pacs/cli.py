@@ -109,10 +109,10 @@ DICOMweb:
 
 {CONNECTION_EPILOG}
 {exit_codes_help(QUERY_EXIT_NOTES)}
-Model identity: the bridge asks the server which model it serves (the parameters of its
-repository's postprocess config) and refuses to store objects without it. Behind the medpclip
-gateway a model configuration is an admin method: give the bridge the admin key with
---api-key-file (the admin key serves inference too).
+Model identity: the bridge asks the server which model it serves (the parameters of the
+configuration of the ensemble it calls) and refuses to store objects without it. Behind the
+medpclip gateway that needs the API key only (--api-key-file, when the server has one), as
+inference does; never the admin key.
 
 No patient attributes are printed or logged, at any verbosity (library warnings and messages,
 which may quote attribute values, are withheld); instances are named by UID.

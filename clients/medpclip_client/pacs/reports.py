@@ -127,7 +127,7 @@ class ModelIdentity:
             raise ValueError(
                 "the server's model repository does not state "
                 + ", ".join(missing)
-                + " (parameters of the postprocess model's config): re-export the model with "
+                + " (parameters of the called ensemble's config): re-export the model with "
                 "this version of medpclip"
             )
         values = {k: str(parameters[k]).strip() for k in IDENTITY_KEYS}
