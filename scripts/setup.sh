@@ -18,11 +18,13 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # Debian packages: libpython3.11 (the python backend stub links it), Orthanc with its
 # DICOMweb plugin (the PACS tests start their own Orthanc on free loopback ports) and
-# dicom3tools (the PACS tests check every object the bridge writes with its dciodvfy).
+# dicom3tools (the PACS tests check every object the bridge writes with its dciodvfy), and
+# qemu-user (tests/test_int8.py runs ONNX Runtime's int8 kernels on an emulated AVX2 CPU
+# without VNNI, where they saturate).
 missing=()
 ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing+=(libpython3.11)
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3.11-venv)
-for pkg in orthanc orthanc-dicomweb dicom3tools; do
+for pkg in orthanc orthanc-dicomweb dicom3tools qemu-user; do
   [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] \
     || missing+=("$pkg")
 done

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from medpclip_core import agreement, cpu
 from medpclip_core import tensors as T
 
 from . import onnx_export, repository
@@ -24,7 +25,7 @@ from .model import CONFIG, MedPClip, build, load_checkpoint, save_checkpoint
 from .real_inputs import real_inputs
 from .tokenizer import DEFAULT_TOKENIZER
 
-INT8_MIN_COSINE = 0.99  # int8 vs fp32 embeddings on real inputs
+INT8_MIN_COSINE = agreement.MIN_COSINE  # int8 vs fp32 vectors on real inputs (every output)
 
 
 class ExportError(Exception):
@@ -202,11 +203,12 @@ def export(
 
         for name in onnx_export.INT8_MODELS:
             onnx_export.quantize_int8(onnx_dir / f"{name}.onnx", log)
-        result.int8_cosine = check_int8(model, onnx_dir, checkpoint / "tokenizer.json", log)
-        if result.int8_cosine < INT8_MIN_COSINE:
+        checks = check_int8(model, onnx_dir, checkpoint / "tokenizer.json", log)
+        result.int8_cosine = min(c.value for _, c in checks if c.kind == "cosine")
+        failed = [f"{m} {c}" for m, c in checks if not c.ok]
+        if failed:
             raise ExportError(
-                f"int8 embeddings drift from fp32 (cosine {result.int8_cosine:.4f} < "
-                f"{INT8_MIN_COSINE})"
+                f"int8 drifts from fp32 on this CPU ({cpu.isa()}): {'; '.join(failed)}"
             )
     engines = o.engines or o.out / "engines"
     if o.flavour == "tensorrt":
@@ -234,6 +236,11 @@ def export(
         )
     except trt_engine.EngineError as exc:
         raise ExportError(str(exc)) from exc
+    if o.int8:
+        from .int8 import write_canaries
+
+        n = write_canaries(model, onnx_dir, result.repository, checkpoint / "tokenizer.json")
+        log(f"  int8 canaries: {n} (each int8 encoder checks itself on the CPU it loads on)")
     result.seconds = time.perf_counter() - start
     log(f"done in {result.seconds:.1f} s")
     return result

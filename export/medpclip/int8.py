@@ -1,23 +1,63 @@
-"""The CPU INT8 flavour against fp32: embedding cosine on real inputs, with ONNX Runtime sessions
-on the fp32 and int8 files. (Zero-shot agreement on phantoms: medpclip_tools.evaluate.)"""
+"""The CPU INT8 flavour against fp32, where it is exported and where it is served.
+
+At export: every output of every int8 model on real inputs, against the fp32 ONNX file
+(`medpclip_core.agreement`: cosine >= 0.99 per row for vectors, |diff| <= 0.02 for a scalar per
+row), on this machine's CPU, whose instruction set is logged beside the figures. Zero-shot answer
+agreement on phantoms: medpclip_tools.int8_agreement.
+
+Where served: the int8 kernels ONNX Runtime picks depend on the CPU (`medpclip_core.cpu`), so a
+repository that agreed on the export machine can drift on another. `write_canaries` puts each
+int8 model's real inputs and fp32 outputs beside it (`int8_canary.npz`); the served encoder
+(`medpclip_core.backend.onnx_runner`) runs them when it loads and refuses to load on that CPU
+when the same rule fails.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from medpclip_core import cpu
+from medpclip_core.agreement import CANARY_FILE, Agreement, agreement
+
 from .model import MedPClip
-from .onnx_export import INT8_MODELS, cosine_rows, ort_session
+from .onnx_export import INT8_MODELS, ort_session
 from .real_inputs import real_inputs
 
 
-def check_int8(model: MedPClip, onnx_dir: Path, tokenizer_json: Path, log=print) -> float:
-    """Smallest cosine between fp32 and int8 outputs on real inputs, printed per model."""
+def check_int8(
+    model: MedPClip, onnx_dir: Path, tokenizer_json: Path, log=print
+) -> list[tuple[str, Agreement]]:
+    """Every int8 output against fp32 on real inputs, logged per model; (model, agreement)."""
     inputs = real_inputs(model, tokenizer_json)
-    worst = 1.0
+    log(f"  int8 kernels of this CPU: {cpu.isa()}")
+    found = []
     for name in INT8_MODELS:
-        fp32 = ort_session(onnx_dir / f"{name}.onnx").run(None, inputs[name])
+        fp32_session = ort_session(onnx_dir / f"{name}.onnx")
+        names = [o.name for o in fp32_session.get_outputs()]
+        fp32 = fp32_session.run(None, inputs[name])
         int8 = ort_session(onnx_dir / f"{name}.int8.onnx").run(None, inputs[name])
-        cos = min(cosine_rows(a, b) for a, b in zip(fp32, int8, strict=True))
-        log(f"  {name:15s} int8 vs fp32: cosine min {cos:.5f}")
-        worst = min(worst, cos)
-    return worst
+        checks = [agreement(n, b, a) for n, a, b in zip(names, fp32, int8, strict=True)]
+        bad = [c for c in checks if not c.ok]
+        log(f"  {name:15s} int8 vs fp32: " + ", ".join(map(str, checks)) + (" FAIL" if bad else ""))
+        found += [(name, c) for c in checks]
+    return found
+
+
+def write_canaries(model: MedPClip, onnx_dir: Path, repository: Path, tokenizer_json: Path) -> int:
+    """`int8_canary.npz` (inputs `in/<name>`, fp32 outputs `out/<name>`) beside every served
+    int8 model; the number written."""
+    inputs = real_inputs(model, tokenizer_json)
+    written = 0
+    for name in INT8_MODELS:
+        folder = repository / name / "1"
+        if not (folder / "model.onnx").is_file():
+            continue
+        session = ort_session(onnx_dir / f"{name}.onnx")
+        outputs = session.run(None, inputs[name])
+        arrays = {f"in/{k}": v for k, v in inputs[name].items()}
+        arrays |= {f"out/{o.name}": v for o, v in zip(session.get_outputs(), outputs, strict=True)}
+        np.savez_compressed(folder / CANARY_FILE, **arrays)
+        written += 1
+    return written

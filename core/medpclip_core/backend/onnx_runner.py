@@ -3,14 +3,25 @@
 The bundled Triton has no onnxruntime backend, so each encoder is a python-backend model. Names
 and dtypes come from this model's config.pbtxt (generated from the tensor declarations).
 Requests that arrive together (dynamic batching) and share input shapes run as one batch.
+
+An int8 encoder (the CPU INT8 flavour) ships `int8_canary.npz`: real inputs and its fp32
+original's outputs. It runs them when it loads and refuses to load when it disagrees with fp32
+on this CPU (`medpclip_core.agreement`), because ONNX Runtime's int8 kernels differ by CPU (no
+VNNI: saturating 16-bit sums) and a repository that agreed where it was exported can drift on
+another node. Refusing, rather than falling back to fp32, keeps the mismatch visible: the model,
+hence the server, is not ready and the log says why and what to do, instead of a node silently
+answering at a different speed (capacity) or accuracy than the rest of its pool.
 """
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from medpclip_core import cpu
+from medpclip_core.agreement import CANARY_FILE, canary_checks
 from medpclip_core.backend.common import parameters, version_file
 
 
@@ -32,6 +43,24 @@ class TritonPythonModel:
             version_file(args, "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
         self.name = args["model_name"]
+        canary = version_file(args, CANARY_FILE)
+        if os.path.isfile(canary):
+            self._check_canary(canary)
+
+    def _check_canary(self, path: str) -> None:
+        checks = canary_checks(path, self.session.run, self.outputs)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: the int8 model disagrees with its fp32 original on this CPU "
+                f"({cpu.isa()}): {'; '.join(map(str, failed))}. Serve the fp32 repository here "
+                "(export without --int8), or run the int8 one only on CPUs where its canary "
+                "passes (see README, CPU INT8 flavour)"
+            )
+        pb_utils.Logger.log_info(
+            f"{self.name}: int8 canary passed on this CPU ({cpu.isa()}): "
+            + ", ".join(map(str, checks))
+        )
 
     def execute(self, requests):
         arrays = [
