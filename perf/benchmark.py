@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from medpclip_core.cpu import isa
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
 
@@ -377,7 +379,13 @@ def run(args: argparse.Namespace) -> dict:
         "config": args.config,
         "seconds": args.seconds,
         "levels": levels,
-        "machine": {"cpu": cpu, "platform": platform.platform(), "peak_gflops": peak},
+        # int8 figures depend on the CPU's instruction sets (VNNI or not: medpclip_core.cpu)
+        "machine": {
+            "cpu": cpu,
+            "isa": isa(),
+            "platform": platform.platform(),
+            "peak_gflops": peak,
+        },
         "image_gflop_per_request": gflop,
         "results": results,
     }
@@ -416,13 +424,14 @@ def ratios(doc: dict) -> list[tuple[str, float, str, bool]]:
     for name in ("onnxruntime-int8", "triton-int8"):
         if {name, "pytorch"} <= set(img):
             v = best(img[name])["throughput"] / best(img["pytorch"])["throughput"]
-            add(f"{name} / PyTorch eager fp32, image throughput", v, ">= 2", v >= 2)
+            cpu_isa = doc["machine"].get("isa", "ISA not recorded")
+            add(f"{name} / PyTorch eager fp32, image throughput [{cpu_isa}]", v, ">= 2", v >= 2)
     return rows
 
 
 def report(doc: dict) -> str:
     lines = [
-        f"machine: {doc['machine']['cpu']}",
+        f"machine: {doc['machine']['cpu']} ({doc['machine'].get('isa', 'ISA not recorded')})",
         f"model: {doc['config']}, {doc['image_gflop_per_request']:.1f} GFLOP per image "
         "request (prompt + image encoders + mask decoder)",
         "",
