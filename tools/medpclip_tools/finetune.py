@@ -24,6 +24,12 @@ embeds the labels once. logit_scale (the temperature of both REGION_PROBS and IM
 trains with `all` only: the region loss alone would sharpen it without bound on a few labels
 and change the whole-image probabilities, which nothing here trains.
 
+Which to choose (measured on 300 phantom slices, 500 steps, about a minute on 2 CPU cores):
+teaching the embedded default model four label texts it never saw took held-out accuracy from
+26 % to 93 % with `region` and to 100 % with `prompted`, Dice unchanged (0.91). A freshly
+initialised model needs `prompted` or `all`: with its random text tower and projection frozen,
+`region` learns the masks (Dice 0.02 -> 0.87) but hardly the labels (23 % -> 41 %).
+
 Then the held-out regions are scored, each with its own prompt and the label list: before
 fine-tuning in-process (the PyTorch reference path), and after it through the served path
 (`--evaluate served`, the default: the checkpoint exported with `medpclip.export`, a real
