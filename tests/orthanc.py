@@ -143,8 +143,8 @@ class Orthanc:
 
 
 def admin_key(directory: Path) -> Path:
-    """A key file for the launcher's --admin-key-file (and the bridge's key: the PACS bridge
-    reads the served model's identity, an admin method behind the gateway)."""
+    """A key file for the launcher's --admin-key-file (the PACS bridge needs only the API key:
+    the served model's identity is in the public ensembles' configuration)."""
     path = directory / "admin.key"
     path.write_text("pacs-tests-admin-" + os.urandom(16).hex() + "\n")
     path.chmod(0o600)
