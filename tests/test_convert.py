@@ -215,6 +215,10 @@ def test_converted_model_serves_zero_shot_like_open_clip(converted, reference, t
         img = ref.encode_image(pixels, normalize=True)
         txt = ref.encode_text(ref_tok(LABELS), normalize=True)
         want = (ref.logit_scale.exp() * img @ txt.T).softmax(-1).numpy()
+    worst = max(
+        np.abs(np.asarray(r.image_probs) - w).max() for r, w in zip(served, want, strict=True)
+    )
+    print(f"served zero-shot vs open_clip: max |diff| {worst:.2e} (limit {PROBS_TOL:g})")
     for got, w in zip(served, want, strict=True):
         assert np.abs(np.asarray(got.image_probs) - w).max() <= PROBS_TOL
         assert np.abs(np.asarray(got.region_probs) - w).max() <= PROBS_TOL  # no prompt
