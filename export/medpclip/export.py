@@ -203,9 +203,9 @@ def export(
 
         for name in onnx_export.INT8_MODELS:
             onnx_export.quantize_int8(onnx_dir / f"{name}.onnx", log)
-        checks = check_int8(model, onnx_dir, checkpoint / "tokenizer.json", log)
-        result.int8_cosine = min(c.value for _, c in checks if c.kind == "cosine")
-        failed = [f"{m} {c}" for m, c in checks if not c.ok]
+        int8_check = check_int8(model, onnx_dir, checkpoint / "tokenizer.json", log)
+        result.int8_cosine = min(c.value for _, c in int8_check.checks if c.kind == "cosine")
+        failed = [f"{m} {c}" for m, c in int8_check.checks if not c.ok]
         if failed:
             raise ExportError(
                 f"int8 drifts from fp32 on this CPU ({cpu.isa()}): {'; '.join(failed)}"
@@ -239,7 +239,7 @@ def export(
     if o.int8:
         from .int8 import write_canaries
 
-        n = write_canaries(model, onnx_dir, result.repository, checkpoint / "tokenizer.json")
+        n = write_canaries(int8_check, result.repository)
         log(f"  int8 canaries: {n} (each int8 encoder checks itself on the CPU it loads on)")
     result.seconds = time.perf_counter() - start
     log(f"done in {result.seconds:.1f} s")

@@ -14,6 +14,7 @@ when the same rule fails.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,21 @@ from .onnx_export import INT8_MODELS, ort_session
 from .real_inputs import real_inputs
 
 
-def check_int8(
-    model: MedPClip, onnx_dir: Path, tokenizer_json: Path, log=print
-) -> list[tuple[str, Agreement]]:
-    """Every int8 output against fp32 on real inputs, logged per model; (model, agreement)."""
+@dataclass
+class Int8Check:
+    """What `check_int8` ran: the real inputs and fp32 outputs per int8 model (the canaries
+    are these), and every output's agreement."""
+
+    inputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    fp32: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    checks: list[tuple[str, Agreement]] = field(default_factory=list)
+
+
+def check_int8(model: MedPClip, onnx_dir: Path, tokenizer_json: Path, log=print) -> Int8Check:
+    """Every int8 output against fp32 on real inputs, logged per model."""
     inputs = real_inputs(model, tokenizer_json)
     log(f"  int8 kernels of this CPU: {cpu.isa()}")
-    found = []
+    found = Int8Check()
     for name in INT8_MODELS:
         fp32_session = ort_session(onnx_dir / f"{name}.onnx")
         names = [o.name for o in fp32_session.get_outputs()]
@@ -41,23 +50,22 @@ def check_int8(
         checks = [agreement(n, b, a) for n, a, b in zip(names, fp32, int8, strict=True)]
         bad = [c for c in checks if not c.ok]
         log(f"  {name:15s} int8 vs fp32: " + ", ".join(map(str, checks)) + (" FAIL" if bad else ""))
-        found += [(name, c) for c in checks]
+        found.inputs[name] = inputs[name]
+        found.fp32[name] = dict(zip(names, fp32, strict=True))
+        found.checks += [(name, c) for c in checks]
     return found
 
 
-def write_canaries(model: MedPClip, onnx_dir: Path, repository: Path, tokenizer_json: Path) -> int:
-    """`int8_canary.npz` (inputs `in/<name>`, fp32 outputs `out/<name>`) beside every served
-    int8 model; the number written."""
-    inputs = real_inputs(model, tokenizer_json)
+def write_canaries(checked: Int8Check, repository: Path) -> int:
+    """`int8_canary.npz` (inputs `in/<name>`, fp32 outputs `out/<name>`, as `check_int8` ran
+    them) beside every served int8 model; the number written."""
     written = 0
-    for name in INT8_MODELS:
+    for name, feed in checked.inputs.items():
         folder = repository / name / "1"
         if not (folder / "model.onnx").is_file():
             continue
-        session = ort_session(onnx_dir / f"{name}.onnx")
-        outputs = session.run(None, inputs[name])
-        arrays = {f"in/{k}": v for k, v in inputs[name].items()}
-        arrays |= {f"out/{o.name}": v for o, v in zip(session.get_outputs(), outputs, strict=True)}
+        arrays = {f"in/{k}": v for k, v in feed.items()}
+        arrays |= {f"out/{k}": v for k, v in checked.fp32[name].items()}
         np.savez_compressed(folder / CANARY_FILE, **arrays)
         written += 1
     return written
