@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from ..config import ModelConfig, PromptConfig, TextConfig, VisionConfig
+from ..config import ModelConfig, TextConfig, VisionConfig
 from ..model import MedPClip, build
 from .state import ConversionError, Importer, Report, load_state_dict
 
@@ -388,7 +388,3 @@ def convert(
         )
     imp.report.notes = notes + imp.report.notes
     return Converted(model.eval(), tok, imp.report, [weights])
-
-
-def with_regions(cfg: ModelConfig, prompt: PromptConfig, decoder) -> ModelConfig:
-    return replace(cfg, prompt=prompt, decoder=decoder)
