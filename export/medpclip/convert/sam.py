@@ -170,13 +170,7 @@ def import_sam(
     imp = Importer(state, target, "SAM")
     map_sam(imp, cfg)
     dense_reason = "dense prompt projections, sized for SAM's prompt width (behind the gates)"
-    imported = imp.finish(
-        [(k, "kept from the MedP-CLIP checkpoint") for k in keep]
-        + list(SAM_FRESH)
-        + [("image_encoder.dense_proj.*", dense_reason)]
-    )
-    # our tensors the report calls "fresh" but that come from `model` are not fresh: restate
-    imp.report.fresh = [(k, w) for k, w in imp.report.fresh if k not in keep]
+    imported = imp.finish([*SAM_FRESH, ("image_encoder.dense_proj.*", dense_reason)], kept=keep)
     with torch.no_grad():
         new.load_state_dict({**target, **keep, **imported})
         new.prompt_encoder.region_inside.zero_()

@@ -9,7 +9,7 @@ model that start fresh. Nothing is matched by guesswork: an unknown key is an er
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +120,12 @@ class Importer:
                 self.used.add(key)
                 self.report.ignored.append((key, why))
 
-    def finish(self, fresh_reasons: Iterable[tuple[str, str]]) -> dict[str, Tensor]:
+    def finish(
+        self, fresh_reasons: Iterable[tuple[str, str]], kept: Collection[str] = ()
+    ) -> dict[str, Tensor]:
         """Refuse leftovers; name our tensors that were not imported (first matching pattern's
-        reason), and return the imported tensors."""
+        reason), except those in `kept` (taken from another checkpoint by the caller), and
+        return the imported tensors."""
         left = [k for k in self.source if k not in self.used]
         if left:
             shown = ", ".join(left[:8]) + (f" (and {len(left) - 8} more)" if len(left) > 8 else "")
@@ -132,8 +135,9 @@ class Importer:
                 "expects (see python -m medpclip.convert --help)?"
             )
         reasons = list(fresh_reasons)
+        kept = set(kept)
         for key in self.target:
-            if key in self.out:
+            if key in self.out or key in kept:
                 continue
             why = next((w for p, w in reasons if fnmatch.fnmatch(key, p)), None)
             if why is None:
