@@ -128,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 seed=args.seed,
             )
-            model, tok, sources = done.model, done.tokenizer, list(done.sources)
+            model, tokenizer, sources = done.model, done.tokenizer, list(done.sources)
             reports["biomedclip"] = done.report
             _print_report("BiomedCLIP -> MedP-CLIP:", done.report)
-            tokenizer = tok
         else:
             model = load_checkpoint(args.into)
             tokenizer = args.into / TOKENIZER
