@@ -67,7 +67,7 @@ from medpclip_core.labels import load_tokenizer, tokenize
 
 from . import manifest as M
 from .evaluate import dice
-from .train import dice_loss
+from .train import mask_losses
 
 UNFREEZE = ("region", "prompted", "all")
 EVALUATE = ("served", "reference", "none")
@@ -258,14 +258,8 @@ def losses(runner: Runner, items: Sequence[Item]) -> dict[str, torch.Tensor | fl
     loss = region_loss
     has = [b for b, it in enumerate(items) if it.target is not None]
     if has:
-        ml = out["mask_logits"][has]
         tg = torch.from_numpy(np.stack([items[b].target for b in has]))
-        mask_loss = F.binary_cross_entropy_with_logits(ml, tg) + dice_loss(ml, tg)
-        with torch.no_grad():
-            pred, truth = ml > 0, tg > 0.5
-            inter = (pred & truth).flatten(1).sum(1).float()
-            iou = inter / (pred | truth).flatten(1).sum(1).float().clamp(min=1)
-        iou_loss = F.mse_loss(out["iou"][has, 0], iou)
+        mask_loss, iou, iou_loss = mask_losses(out["mask_logits"][has], tg, out["iou"][has, 0])
         loss = loss + mask_loss + IOU_WEIGHT * iou_loss
         stats.update(mask=mask_loss.item(), iou=iou.mean().item())
     stats["loss"] = loss

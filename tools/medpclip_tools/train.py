@@ -98,6 +98,19 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
 
 
+def mask_losses(
+    logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask BCE + Dice of `logits` [B,M,M] against `target` (coverage in [0, 1]), the IoU the
+    thresholded masks achieve [B], and the IoU head's `iou_pred` [B] regressed on it."""
+    mask_loss = F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
+    with torch.no_grad():
+        pred, truth = logits > 0, target > 0.5
+        inter = (pred & truth).flatten(1).sum(1).float()
+        iou = inter / (pred | truth).flatten(1).sum(1).float().clamp(min=1)
+    return mask_loss, iou, F.mse_loss(iou_pred, iou)
+
+
 def train_step(model, data, rng, batch, cfg, tok) -> dict[str, float]:
     idx = rng.integers(len(data), size=batch)
     kinds = rng.choice(PROMPT_KINDS, size=batch, p=PROMPT_P)
@@ -132,15 +145,9 @@ def train_step(model, data, rng, batch, cfg, tok) -> dict[str, float]:
     target = torch.from_numpy(
         np.stack([data[i].targets[j] for i, j in zip(idx, picks, strict=True)])
     )
-    ml = out["mask_logits"][prompted]
-    tg = target[prompted]
-    mask_loss = F.binary_cross_entropy_with_logits(ml, tg) + dice_loss(ml, tg)
-    with torch.no_grad():
-        pred = ml > 0
-        inter = (pred & (tg > 0.5)).flatten(1).sum(1).float()
-        union = (pred | (tg > 0.5)).flatten(1).sum(1).float().clamp(min=1)
-        iou = inter / union
-    iou_loss = F.mse_loss(out["iou"][prompted, 0], iou)
+    mask_loss, iou, iou_loss = mask_losses(
+        out["mask_logits"][prompted], target[prompted], out["iou"][prompted, 0]
+    )
     loss = region_loss + 0.5 * global_loss + mask_loss + 0.2 * iou_loss
     return {
         "loss": loss,
