@@ -12,19 +12,23 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import sample_image
 from onnx import TensorProto, helper
 
 from medpclip import export
 from medpclip.onnx_export import INT8_MODELS, INT8_SETTINGS, quantize_int8
+from medpclip_client import MedPClipClient, Region
 from medpclip_core.agreement import CANARY_FILE, MIN_COSINE
 from medpclip_tools.serve import ServeProcess
 
 HERE = Path(__file__).parent
+LABELS = ["a round hyperdense nodule", "a dark cyst"]
 QEMU = shutil.which("qemu-x86_64")
 needs_qemu = pytest.mark.skipif(
     QEMU is None, reason="qemu-x86_64 (Debian qemu-user, scripts/setup.sh) is not installed"
@@ -110,6 +114,25 @@ def test_canaries_pass_on_an_avx2_cpu_without_vnni(int8_export):
     for name, outputs in got.items():
         for output, (kind, value, ok) in outputs.items():
             assert ok, (name, output, kind, value)
+
+
+def test_int8_answers_do_not_depend_on_their_batch_neighbours(int8_export, tmp_path):
+    """Dynamic quantisation scales activations over the whole batch, so batched int8 requests
+    would answer differently with different neighbours; each must get its answer alone."""
+    images = [sample_image(seed=s) for s in range(4)]
+    region = Region(points=[(60.0, 50.0)])
+    with ServeProcess(int8_export, log_file=tmp_path / "serve.log") as server:
+        client = MedPClipClient(server.grpc_url)
+        alone = [client.infer(im, region, labels=LABELS) for im in images]
+        with ThreadPoolExecutor(8) as pool:  # 8 at a time: the encoders batch them
+            together = list(
+                pool.map(lambda i: (i, client.infer(images[i % 4], region, labels=LABELS)),
+                         range(48))
+            )  # fmt: skip
+    for i, r in together:
+        a = alone[i % 4]
+        assert np.array_equal(r.region_embedding, a.region_embedding), i
+        assert np.array_equal(r.region_probs, a.region_probs), i
 
 
 def test_server_refuses_an_int8_model_that_drifts_on_its_cpu(int8_export, tmp_path):

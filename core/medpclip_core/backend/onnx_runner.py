@@ -2,7 +2,8 @@
 
 The bundled Triton has no onnxruntime backend, so each encoder is a python-backend model. Names
 and dtypes come from this model's config.pbtxt (generated from the tensor declarations).
-Requests that arrive together (dynamic batching) and share input shapes run as one batch.
+Requests that arrive together (dynamic batching) and share input shapes run as one batch,
+except for int8 models (below).
 
 An int8 encoder (the CPU INT8 flavour) ships `int8_canary.npz`: real inputs and its fp32
 original's outputs. It runs them when it loads and refuses to load when it disagrees with fp32
@@ -44,7 +45,12 @@ class TritonPythonModel:
         )
         self.name = args["model_name"]
         canary = version_file(args, CANARY_FILE)
-        if os.path.isfile(canary):
+        # The export writes a canary beside every int8 model and only there. Dynamic
+        # quantisation scales activations per call, over the whole batch, so an int8 answer
+        # would depend on which other requests it was batched with (2e-3 in the default
+        # model's embeddings): int8 requests run one per call, every answer reproducible.
+        self.int8 = os.path.isfile(canary)
+        if self.int8:
             self._check_canary(canary)
 
     def _check_canary(self, path: str) -> None:
@@ -67,9 +73,9 @@ class TritonPythonModel:
             [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
             for r in requests
         ]
-        groups = {}  # input shapes (without batch) -> request indices
+        groups = {}  # input shapes (without batch), or the request (int8) -> request indices
         for i, a in enumerate(arrays):
-            groups.setdefault(tuple(x.shape[1:] for x in a), []).append(i)
+            groups.setdefault(i if self.int8 else tuple(x.shape[1:] for x in a), []).append(i)
         responses = [None] * len(requests)
         for indices in groups.values():
             feed = {
